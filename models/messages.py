@@ -1,0 +1,250 @@
+"""Messages on the topics: JSON bytes, each with a ``schema_version``.
+
+Every message is a frozen pydantic model. :func:`encode` turns one into bytes;
+:func:`decode` turns untrusted bytes into one or raises
+:class:`MessageDecodeError`, the single error type callers catch (malformed
+bytes, invalid UTF-8, wrong JSON shape, unknown schema version, too large).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    model_validator,
+)
+
+from models.plan import WorkflowPlan
+
+__all__ = [
+    "RUN_ID_PATTERN",
+    "SCHEMA_VERSION",
+    "AgentError",
+    "AgentResult",
+    "AgentTask",
+    "ErrorKind",
+    "Message",
+    "MessageDecodeError",
+    "MonitoringUpdate",
+    "ResultStatus",
+    "WorkflowSubmission",
+    "correlation_id",
+    "decode",
+    "encode",
+    "new_run_id",
+    "utcnow",
+]
+
+SCHEMA_VERSION: Final = 1
+RUN_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="Letters, digits, '.', '_', ':' and '-'.")]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def new_run_id() -> str:
+    """A fresh, random run id."""
+    return str(uuid.uuid4())
+
+
+def correlation_id(run_id: str, step_id: str, attempt: int) -> str:
+    """The id of one attempt of one step: also the agent call's idempotency key.
+
+    It is derived, not random, so that a re-dispatch after a crash carries the
+    same id and the bridge and agents can recognise the repeat. ``/`` appears
+    in neither run ids nor step ids, so the id is unambiguous.
+    """
+    return f"{run_id}/{step_id}/{attempt}"
+
+
+class ErrorKind(StrEnum):
+    """Known error kinds. Agents and later versions may add others."""
+
+    AGENT_FAILED = "agent_failed"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    HTTP_STATUS = "http_status"
+    JSONRPC_ERROR = "jsonrpc_error"
+    MALFORMED_RESPONSE = "malformed_response"
+    INPUT_REQUIRED = "input_required"
+    AUTH_REQUIRED = "auth_required"
+    UNKNOWN_AGENT = "unknown_agent"
+    MAPPING_ERROR = "mapping_error"
+    INVALID_PLAN = "invalid_plan"
+    CANCELLED = "cancelled"
+
+
+class ResultStatus(StrEnum):
+    """The outcome of one agent call."""
+
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+
+
+class Message(BaseModel):
+    """Base of all wire messages: frozen, strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class AgentError(BaseModel):
+    """Why an agent call failed.
+
+    Attributes:
+        kind: One of :class:`ErrorKind`, or an agent's own kind.
+        message: The agent's own message where there is one.
+        retriable: Whether trying again may help.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(min_length=1, max_length=100)
+    message: str = Field(max_length=10_000)
+    retriable: bool = False
+
+
+class WorkflowSubmission(Message):
+    """Start a run: what a producer puts on ``orchestrator.plans`` (key = run_id)."""
+
+    run_id: RunId
+    plan: WorkflowPlan
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    submitted_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class AgentTask(Message):
+    """One attempt of one step, for the bridge to carry out (key = run_id)."""
+
+    correlation_id: str = Field(min_length=1, max_length=400)
+    run_id: RunId
+    step_id: str = Field(min_length=1, max_length=128)
+    attempt: int = Field(ge=1)
+    agent_name: str = Field(min_length=1, max_length=200)
+    input: JsonValue
+    deadline: AwareDatetime
+
+
+class AgentResult(Message):
+    """The outcome of one attempt, from the bridge (key = run_id)."""
+
+    correlation_id: str = Field(min_length=1, max_length=400)
+    run_id: RunId
+    step_id: str = Field(min_length=1, max_length=128)
+    attempt: int = Field(ge=1)
+    status: ResultStatus
+    output: JsonValue = None
+    error: AgentError | None = None
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _error_matches_status(self) -> AgentResult:
+        if self.status is ResultStatus.FAILURE and self.error is None:
+            raise ValueError("a FAILURE result needs an error")
+        if self.status is ResultStatus.SUCCESS and self.error is not None:
+            raise ValueError("a SUCCESS result cannot carry an error")
+        return self
+
+
+class MonitoringUpdate(Message):
+    """A change worth showing live, on ``orchestrator.monitoring``."""
+
+    run_id: RunId
+    step_id: str | None = None
+    attempt: int | None = None
+    status: str
+    timestamp: AwareDatetime = Field(default_factory=utcnow)
+    detail: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class MessageDecodeError(ValueError):
+    """Bytes could not be turned into a message.
+
+    Attributes:
+        message_type: The message type that was expected.
+        reason: What was wrong, in plain words, with the JSON path when the
+            shape was wrong.
+    """
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        self.message_type = message_type
+        self.reason = reason
+        super().__init__(f"cannot decode {message_type}: {reason}")
+
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    """Serialize a message to compact JSON bytes."""
+    return message.model_dump_json().encode()
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = "$"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def decode(message_type: type[M], raw: bytes | str | dict[str, Any], *, max_bytes: int | None = None) -> M:
+    """Turn untrusted input into a message, or raise one clear error.
+
+    Args:
+        message_type: The expected message class.
+        raw: JSON bytes or text, or an already-decoded object.
+        max_bytes: Reject payloads larger than this.
+
+    Returns:
+        The validated message.
+
+    Raises:
+        MessageDecodeError: For any problem with the input.
+    """
+    name = message_type.__name__
+    if isinstance(raw, bytes | bytearray | memoryview):
+        raw = bytes(raw)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise MessageDecodeError(name, f"payload of {len(raw)} bytes is over the limit of {max_bytes}")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise MessageDecodeError(name, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if isinstance(raw, str):
+        if max_bytes is not None and len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
+            raise MessageDecodeError(name, f"payload is over the limit of {max_bytes} bytes")
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise MessageDecodeError(
+                name, f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            ) from None
+        except RecursionError:
+            raise MessageDecodeError(name, "JSON is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise MessageDecodeError(name, f"expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise MessageDecodeError(name, f"unsupported schema_version {version!r} (this version reads {SCHEMA_VERSION})")
+    try:
+        return message_type.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in error.errors(include_url=False)[:20])
+        raise MessageDecodeError(name, problems) from None
+    except RecursionError:
+        raise MessageDecodeError(name, "value is nested too deeply") from None

@@ -1,0 +1,92 @@
+"""The PostgreSQL record: SQLAlchemy 2.0 typed ORM tables (PostgreSQL only).
+
+``workflow_runs`` has one row per run; ``step_executions`` one row per attempt
+of a step. Both carry the run state's ``version`` so that a snapshot written
+late (a retried batch, a slow checkpointer) never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, func
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["Base", "StepExecution", "WorkflowRun"]
+
+# Stable constraint names, so migrations and error messages can refer to them.
+_NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of Switchyard's tables."""
+
+    metadata = MetaData(naming_convention=_NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
+
+
+class WorkflowRun(Base):
+    """One run of a workflow plan."""
+
+    __tablename__ = "workflow_runs"
+
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(200))
+    workflow_version: Mapped[str] = mapped_column(String(50))
+    status: Mapped[str] = mapped_column(String(20))
+    input: Mapped[Any] = mapped_column(JSONB, default=dict)
+    output: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    error: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    plan: Mapped[Any] = mapped_column(JSONB)
+    version: Mapped[int] = mapped_column(BigInteger, default=0, doc="RunState.version of the last snapshot written.")
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    steps: Mapped[list[StepExecution]] = relationship(
+        back_populates="run",
+        order_by="(StepExecution.started_at, StepExecution.attempt)",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    __table_args__ = (
+        Index("ix_workflow_runs_status_created_at", "status", "created_at"),
+        Index("ix_workflow_runs_workflow_id", "workflow_id"),
+    )
+
+
+class StepExecution(Base):
+    """One attempt of one step of a run."""
+
+    __tablename__ = "step_executions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.run_id", ondelete="CASCADE"))
+    step_id: Mapped[str] = mapped_column(String(128))
+    attempt: Mapped[int] = mapped_column(Integer)
+    agent_name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    input_data: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    output_data: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    error: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    correlation_id: Mapped[str] = mapped_column(Text, unique=True)
+    run_version: Mapped[int] = mapped_column(BigInteger, default=0, doc="RunState.version this row was written from.")
+    started_at: Mapped[datetime | None]
+    deadline: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+
+    run: Mapped[WorkflowRun] = relationship(back_populates="steps")
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "step_id", "attempt"),
+        Index("ix_step_executions_run_id", "run_id"),
+    )

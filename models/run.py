@@ -1,0 +1,746 @@
+"""The run state machine: pure ``transition(state, event) -> (state, effects)``.
+
+No Faust, Kafka, HTTP or database here. Time comes in with the events (``at``)
+and randomness (retry jitter) is derived from the correlation id, so a
+transition is a pure function of its arguments: replaying the same events
+gives the same states and effects.
+
+Rules this module keeps (DESIGN.md, rule 5):
+
+* Idempotent: an event that changes nothing (a duplicate or stale result, a
+  timeout of an attempt that already ended, a second submission of the same
+  run, anything for a finished run) returns the state unchanged and **no**
+  effects.
+* Every change bumps ``RunState.version`` by one; the PostgreSQL snapshot
+  upsert uses it so an older snapshot never overwrites a newer one.
+* Events that cannot belong to any run (a result for an unknown run or step)
+  return a single :class:`DeadLetter` effect and no state change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TypeAlias
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+
+from models.mapping import MappingContext, MappingError, resolve_mapping
+from models.messages import (
+    AgentError,
+    AgentResult,
+    AgentTask,
+    ErrorKind,
+    MonitoringUpdate,
+    ResultStatus,
+    correlation_id,
+)
+from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, check_plan
+
+__all__ = [
+    "Attempt",
+    "AgentResultReceived",
+    "CancelAgentTask",
+    "CancelRequested",
+    "Checkpoint",
+    "DeadLetter",
+    "DispatchTask",
+    "Effect",
+    "Event",
+    "ExecutionDefaults",
+    "PublishMonitoring",
+    "RetryRequested",
+    "RunError",
+    "RunFinished",
+    "RunState",
+    "RunStatus",
+    "RunSubmitted",
+    "ScheduleTimeout",
+    "StepState",
+    "StepStatus",
+    "StepTimedOut",
+    "resume",
+    "transition",
+]
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunStatus(StrEnum):
+    """Where a run is in its life."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has reached an end (a retry may reopen FAILED)."""
+        return self in {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+
+
+class StepStatus(StrEnum):
+    """Where a step, or one attempt of it, is.
+
+    An attempt is PENDING while it waits for its (delayed) dispatch time.
+    """
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing more will happen to it."""
+        return self in {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED}
+
+
+class ExecutionDefaults(BaseModel):
+    """What a step uses when the plan does not say: from the registry or settings."""
+
+    model_config = _FROZEN
+
+    timeout_s: float = Field(300.0, gt=0, le=86_400)
+    retry: RetryPolicy = DEFAULT_RETRY
+
+
+class RunError(BaseModel):
+    """Why a run failed (or was cancelled)."""
+
+    model_config = _FROZEN
+
+    kind: str
+    message: str
+    step_id: str | None = None
+    attempt: int | None = None
+    details: JsonValue = None
+
+
+class Attempt(BaseModel):
+    """One try at a step: one agent call, identified by its correlation id."""
+
+    model_config = _FROZEN
+
+    number: int = Field(ge=1)
+    correlation_id: str
+    agent_name: str
+    status: StepStatus
+    input: JsonValue
+    dispatch_at: AwareDatetime = Field(
+        description="When the call is (or was) sent; later than now for a delayed retry."
+    )
+    deadline: AwareDatetime
+    finished_at: AwareDatetime | None = None
+    output: JsonValue = None
+    error: AgentError | None = None
+
+
+class StepState(BaseModel):
+    """A step of one run, with all its attempts."""
+
+    model_config = _FROZEN
+
+    step_id: str
+    agent_name: str
+    status: StepStatus
+    attempts: tuple[Attempt, ...] = ()
+    first_attempt_of_round: int = Field(1, description="A retry request opens a new round with a fresh budget.")
+    next_attempt_at: AwareDatetime | None = None
+    output: JsonValue = None
+    error: AgentError | None = None
+    started_at: AwareDatetime | None = None
+    completed_at: AwareDatetime | None = None
+
+    @property
+    def current(self) -> Attempt | None:
+        """The latest attempt, if any."""
+        return self.attempts[-1] if self.attempts else None
+
+
+class RunState(BaseModel):
+    """Everything known about one run. Stored in the ``runs`` table as JSON."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    status: RunStatus
+    plan: WorkflowPlan
+    input: dict[str, JsonValue]
+    defaults: ExecutionDefaults = ExecutionDefaults()
+    steps: dict[str, StepState] = Field(default_factory=dict, description="Steps that have started, in order.")
+    current_step: str | None = None
+    output: JsonValue = None
+    error: RunError | None = None
+    created_at: AwareDatetime
+    started_at: AwareDatetime | None = None
+    completed_at: AwareDatetime | None = None
+    updated_at: AwareDatetime
+    version: int = Field(1, ge=1, description="Bumped by every change; orders snapshots.")
+
+
+# --------------------------------------------------------------------- events
+
+
+class RunSubmitted(BaseModel):
+    """A submission arrived for ``run_id``."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    plan: WorkflowPlan
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    at: AwareDatetime
+    defaults: ExecutionDefaults = ExecutionDefaults()
+
+
+class AgentResultReceived(BaseModel):
+    """The bridge reported the outcome of an attempt."""
+
+    model_config = _FROZEN
+
+    result: AgentResult
+    at: AwareDatetime
+
+
+class StepTimedOut(BaseModel):
+    """An attempt's deadline passed (sent by a timer as a control event)."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    step_id: str
+    attempt: int
+    at: AwareDatetime
+
+
+class CancelRequested(BaseModel):
+    """A user asked to stop the run."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    at: AwareDatetime
+    reason: str = "cancelled by request"
+
+
+class RetryRequested(BaseModel):
+    """A user asked to run a FAILED run again from its failed step."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    at: AwareDatetime
+
+
+Event: TypeAlias = RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested
+
+
+def event_run_id(event: Event) -> str:
+    """The run an event belongs to."""
+    return event.result.run_id if isinstance(event, AgentResultReceived) else event.run_id
+
+
+# -------------------------------------------------------------------- effects
+
+
+class DispatchTask(BaseModel):
+    """Send ``task`` to the bridge, not before ``not_before`` (a delayed retry)."""
+
+    model_config = _FROZEN
+
+    task: AgentTask
+    not_before: AwareDatetime | None = None
+
+
+class ScheduleTimeout(BaseModel):
+    """At ``at``, deliver :class:`StepTimedOut` for this attempt."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    step_id: str
+    attempt: int
+    at: AwareDatetime
+
+
+class CancelAgentTask(BaseModel):
+    """Ask the agent to cancel the call with this correlation id, if it can."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    step_id: str
+    attempt: int
+    correlation_id: str
+    agent_name: str
+
+
+class PublishMonitoring(BaseModel):
+    """Publish a live update."""
+
+    model_config = _FROZEN
+
+    update: MonitoringUpdate
+
+
+class Checkpoint(BaseModel):
+    """Write this snapshot to PostgreSQL."""
+
+    model_config = _FROZEN
+
+    state: RunState
+
+
+class RunFinished(BaseModel):
+    """The run reached an end."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    status: RunStatus
+    output: JsonValue = None
+    error: RunError | None = None
+
+
+class DeadLetter(BaseModel):
+    """The event cannot be applied to any run; park it with the reason."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    reason: str
+
+
+Effect: TypeAlias = (
+    DispatchTask | ScheduleTimeout | CancelAgentTask | PublishMonitoring | Checkpoint | RunFinished | DeadLetter
+)
+Outcome: TypeAlias = tuple[RunState | None, list[Effect]]
+_Changed: TypeAlias = tuple[RunState, list[Effect]]
+
+
+# ----------------------------------------------------------------- transition
+
+
+def transition(state: RunState | None, event: Event) -> Outcome:
+    """Apply one event to one run.
+
+    Args:
+        state: The run's state, or None when the run is not known yet.
+        event: What happened.
+
+    Returns:
+        The new state (the same object when nothing changed) and the effects
+        to carry out, in order.
+    """
+    if isinstance(event, RunSubmitted):
+        new, effects = _on_submitted(state, event)
+    elif state is None:
+        return None, [DeadLetter(run_id=event_run_id(event), reason=f"no run {event_run_id(event)!r} is known")]
+    elif isinstance(event, AgentResultReceived):
+        new, effects = _on_result(state, event)
+    elif isinstance(event, StepTimedOut):
+        new, effects = _on_timeout(state, event)
+    elif isinstance(event, CancelRequested):
+        new, effects = _on_cancel(state, event)
+    else:
+        new, effects = _on_retry(state, event)
+    if new is None or new is state:
+        return state, effects
+    if state is not None:
+        new = new.model_copy(update={"version": state.version + 1})
+    # One checkpoint per change, of the final state, after the other effects
+    # that describe it (the snapshot is the durable record of all of them).
+    return new, [*effects, Checkpoint(state=new)]
+
+
+def resume(state: RunState, now: datetime) -> list[Effect]:
+    """What a RUNNING run needs to go on after a restart or a rebalance.
+
+    Attempts in flight are dispatched again with the same correlation id (the
+    bridge and agents recognise the repeat), delayed retries keep their time,
+    and every deadline is scheduled again (a past one fires at once).
+
+    Args:
+        state: The run as recovered.
+        now: The current time.
+
+    Returns:
+        The effects to carry out; empty for a finished run.
+    """
+    if state.status is not RunStatus.RUNNING or state.current_step is None:
+        return []
+    step = state.steps.get(state.current_step)
+    attempt = step.current if step else None
+    if step is None or attempt is None or attempt.status.finished:
+        return []
+    not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
+    return [
+        DispatchTask(task=_task(state, step.step_id, attempt), not_before=not_before),
+        ScheduleTimeout(run_id=state.run_id, step_id=step.step_id, attempt=attempt.number, at=attempt.deadline),
+    ]
+
+
+# ------------------------------------------------------------------- handlers
+
+
+def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
+    if state is not None:
+        same = state.plan.fingerprint() == event.plan.fingerprint() and state.input == event.input
+        if same:
+            return state, []  # the same submission again: idempotent
+        return state, [
+            DeadLetter(
+                run_id=event.run_id,
+                reason=f"run_id {event.run_id!r} is already used by a different submission; not started again",
+            )
+        ]
+    run = RunState(
+        run_id=event.run_id,
+        status=RunStatus.RUNNING,
+        plan=event.plan,
+        input=event.input,
+        defaults=event.defaults,
+        created_at=event.at,
+        started_at=event.at,
+        updated_at=event.at,
+    )
+    problems = check_plan(event.plan)
+    if problems:
+        error = RunError(
+            kind=ErrorKind.INVALID_PLAN,
+            message="; ".join(str(p) for p in problems),
+            details=[{"path": p.path, "reason": p.reason} for p in problems],
+        )
+        return _finish(run, RunStatus.FAILED, event.at, error=error, started=False)
+    effects: list[Effect] = [_monitor(run, event.at, RunStatus.RUNNING)]
+    run, step_effects = _start_step(run, run.plan.start_step, event.at)
+    return run, effects + step_effects
+
+
+def _on_result(state: RunState, event: AgentResultReceived) -> _Changed:
+    result = event.result
+    if result.step_id not in state.plan.steps:
+        return state, [DeadLetter(run_id=state.run_id, reason=f"run {state.run_id!r} has no step {result.step_id!r}")]
+    step = state.steps.get(result.step_id)
+    attempt = step.current if step else None
+    if (
+        state.status is not RunStatus.RUNNING
+        or step is None
+        or attempt is None
+        or step.status.finished
+        or attempt.number != result.attempt
+        or attempt.correlation_id != result.correlation_id
+        or attempt.status.finished
+    ):
+        # Stale or duplicate: idempotent. (A PENDING attempt's result is
+        # accepted: it proves the delayed dispatch happened.)
+        return state, []
+    if result.status is ResultStatus.SUCCESS:
+        return _succeed(state, step, attempt, result.output, event.at)
+    assert result.error is not None  # guaranteed by AgentResult's validator
+    return _fail_attempt(state, step, attempt, result.error, event.at)
+
+
+def _on_timeout(state: RunState, event: StepTimedOut) -> _Changed:
+    step = state.steps.get(event.step_id)
+    attempt = step.current if step else None
+    if (
+        state.status is not RunStatus.RUNNING
+        or step is None
+        or attempt is None
+        or attempt.number != event.attempt
+        or attempt.status.finished
+        or event.at < attempt.deadline
+    ):
+        return state, []
+    timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
+    error = AgentError(
+        kind=ErrorKind.TIMEOUT,
+        message=f"no result from agent {attempt.agent_name!r} within {timeout_s:g}s",
+        retriable=True,
+    )
+    state, effects = _fail_attempt(state, step, attempt, error, event.at)
+    cancel = CancelAgentTask(
+        run_id=state.run_id,
+        step_id=step.step_id,
+        attempt=attempt.number,
+        correlation_id=attempt.correlation_id,
+        agent_name=attempt.agent_name,
+    )
+    return state, [cancel, *effects]
+
+
+def _on_cancel(state: RunState, event: CancelRequested) -> _Changed:
+    if state.status.finished:
+        return state, []
+    effects: list[Effect] = []
+    steps = dict(state.steps)
+    if state.current_step is not None and state.current_step in steps:
+        step = steps[state.current_step]
+        attempt = step.current
+        attempts = step.attempts
+        if attempt is not None and not attempt.status.finished:
+            if attempt.dispatch_at <= event.at:  # it may have been sent: ask the agent to stop
+                effects.append(
+                    CancelAgentTask(
+                        run_id=state.run_id,
+                        step_id=step.step_id,
+                        attempt=attempt.number,
+                        correlation_id=attempt.correlation_id,
+                        agent_name=attempt.agent_name,
+                    )
+                )
+            cancelled = attempt.model_copy(update={"status": StepStatus.CANCELLED, "finished_at": event.at})
+            attempts = (*attempts[:-1], cancelled)
+        steps[step.step_id] = step.model_copy(
+            update={
+                "status": StepStatus.CANCELLED,
+                "attempts": attempts,
+                "next_attempt_at": None,
+                "completed_at": event.at,
+            }
+        )
+    state = state.model_copy(update={"steps": steps})
+    error = RunError(kind=ErrorKind.CANCELLED, message=event.reason, step_id=state.current_step)
+    state, finish = _finish(state, RunStatus.CANCELLED, event.at, error=error)
+    return state, effects + finish
+
+
+def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
+    if state.status is not RunStatus.FAILED or state.current_step is None:
+        return state, []  # only a run that failed at a step can be retried
+    step = state.steps.get(state.current_step)
+    if step is None or step.status is not StepStatus.FAILED:
+        return state, []
+    reopened = state.model_copy(
+        update={"status": RunStatus.RUNNING, "error": None, "completed_at": None, "output": None}
+    )
+    next_number = len(step.attempts) + 1
+    step = step.model_copy(
+        update={
+            "status": StepStatus.RUNNING,
+            "error": None,
+            "completed_at": None,
+            "first_attempt_of_round": next_number,
+        }
+    )
+    reopened = _put_step(reopened, step, event.at)
+    effects: list[Effect] = [_monitor(reopened, event.at, RunStatus.RUNNING, detail={"retry_requested": True})]
+    reopened, step_effects = _new_attempt(reopened, step, event.at, event.at)
+    return reopened, effects + step_effects
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _policy(state: RunState, step: WorkflowStep) -> tuple[float, RetryPolicy]:
+    timeout_s = step.timeout_s if step.timeout_s is not None else state.defaults.timeout_s
+    return timeout_s, step.retry if step.retry is not None else state.defaults.retry
+
+
+def _put_step(state: RunState, step: StepState, at: datetime) -> RunState:
+    steps = dict(state.steps)
+    steps[step.step_id] = step
+    return state.model_copy(
+        update={"steps": steps, "current_step": step.step_id, "updated_at": max(at, state.updated_at)}
+    )
+
+
+def _monitor(
+    state: RunState,
+    at: datetime,
+    status: str,
+    *,
+    step_id: str | None = None,
+    attempt: int | None = None,
+    detail: dict[str, JsonValue] | None = None,
+) -> PublishMonitoring:
+    return PublishMonitoring(
+        update=MonitoringUpdate(
+            run_id=state.run_id, step_id=step_id, attempt=attempt, status=status, timestamp=at, detail=detail or {}
+        )
+    )
+
+
+def _task(state: RunState, step_id: str, attempt: Attempt) -> AgentTask:
+    return AgentTask(
+        correlation_id=attempt.correlation_id,
+        run_id=state.run_id,
+        step_id=step_id,
+        attempt=attempt.number,
+        agent_name=attempt.agent_name,
+        input=attempt.input,
+        deadline=attempt.deadline,
+    )
+
+
+def _start_step(state: RunState, step_id: str, at: datetime) -> _Changed:
+    """Open ``step_id`` and make its first attempt (the run is RUNNING)."""
+    plan_step = state.plan.steps[step_id]
+    step = StepState(step_id=step_id, agent_name=plan_step.agent_name, status=StepStatus.RUNNING, started_at=at)
+    state = _put_step(state, step, at)
+    return _new_attempt(state, step, at, at)
+
+
+def _new_attempt(state: RunState, step: StepState, at: datetime, dispatch_at: datetime) -> _Changed:
+    """Add the next attempt to ``step``, or fail it if its input cannot be mapped."""
+    plan_step = state.plan.steps[step.step_id]
+    outputs = {s.step_id: s.output for s in state.steps.values() if s.status is StepStatus.COMPLETED}
+    try:
+        task_input = resolve_mapping(
+            plan_step.input_mapping, MappingContext(workflow_input=state.input, step_outputs=outputs)
+        )
+    except MappingError as error:
+        mapping_error = AgentError(kind=ErrorKind.MAPPING_ERROR, message=str(error), retriable=False)
+        failed = step.model_copy(
+            update={"status": StepStatus.FAILED, "error": mapping_error, "completed_at": at, "next_attempt_at": None}
+        )
+        state = _put_step(state, failed, at)
+        run_error = RunError(
+            kind=ErrorKind.MAPPING_ERROR,
+            message=f"step {step.step_id!r}: input mapping failed: {error}",
+            step_id=step.step_id,
+        )
+        effects: list[Effect] = [
+            _monitor(state, at, StepStatus.FAILED, step_id=step.step_id, detail={"error": mapping_error.message})
+        ]
+        state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
+        return state, effects + finish
+    timeout_s, _ = _policy(state, plan_step)
+    number = len(step.attempts) + 1
+    delayed = dispatch_at > at
+    attempt = Attempt(
+        number=number,
+        correlation_id=correlation_id(state.run_id, step.step_id, number),
+        agent_name=plan_step.agent_name,
+        status=StepStatus.PENDING if delayed else StepStatus.RUNNING,
+        input=task_input,
+        dispatch_at=dispatch_at,
+        deadline=dispatch_at + timedelta(seconds=timeout_s),
+    )
+    step = step.model_copy(
+        update={
+            "attempts": (*step.attempts, attempt),
+            "next_attempt_at": dispatch_at if delayed else None,
+            "status": StepStatus.RUNNING,
+        }
+    )
+    state = _put_step(state, step, at)
+    effects = [
+        DispatchTask(task=_task(state, step.step_id, attempt), not_before=dispatch_at if delayed else None),
+        ScheduleTimeout(run_id=state.run_id, step_id=step.step_id, attempt=number, at=attempt.deadline),
+        _monitor(
+            state,
+            at,
+            "SCHEDULED" if delayed else StepStatus.RUNNING,
+            step_id=step.step_id,
+            attempt=number,
+            detail={"agent": plan_step.agent_name, "dispatch_at": dispatch_at.isoformat()},
+        ),
+    ]
+    return state, effects
+
+
+def _succeed(state: RunState, step: StepState, attempt: Attempt, output: JsonValue, at: datetime) -> _Changed:
+    done = attempt.model_copy(update={"status": StepStatus.COMPLETED, "finished_at": at, "output": output})
+    step = step.model_copy(
+        update={
+            "status": StepStatus.COMPLETED,
+            "attempts": (*step.attempts[:-1], done),
+            "output": output,
+            "error": None,
+            "next_attempt_at": None,
+            "completed_at": at,
+        }
+    )
+    state = _put_step(state, step, at)
+    effects: list[Effect] = [_monitor(state, at, StepStatus.COMPLETED, step_id=step.step_id, attempt=attempt.number)]
+    next_step = state.plan.steps[step.step_id].next_step
+    if next_step is None:
+        state, finish = _finish(state, RunStatus.COMPLETED, at, output=output)
+        return state, effects + finish
+    state, step_effects = _start_step(state, next_step, at)
+    return state, effects + step_effects
+
+
+def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: AgentError, at: datetime) -> _Changed:
+    plan_step = state.plan.steps[step.step_id]
+    _, policy = _policy(state, plan_step)
+    failed = attempt.model_copy(update={"status": StepStatus.FAILED, "finished_at": at, "error": error})
+    step = step.model_copy(update={"attempts": (*step.attempts[:-1], failed), "error": error})
+    used = attempt.number - step.first_attempt_of_round + 1
+    retriable = error.retriable and error.kind not in policy.non_retriable_kinds
+    if retriable and used < policy.max_attempts:
+        delay = policy.delay_s(used, attempt.correlation_id)
+        state = _put_step(state, step, at)
+        effects: list[Effect] = [
+            _monitor(
+                state,
+                at,
+                StepStatus.FAILED,
+                step_id=step.step_id,
+                attempt=attempt.number,
+                detail={"error": error.message, "kind": error.kind, "will_retry": True},
+            )
+        ]
+        state, retry_effects = _new_attempt(state, step, at, at + timedelta(seconds=delay))
+        return state, effects + retry_effects
+    step = step.model_copy(update={"status": StepStatus.FAILED, "completed_at": at, "next_attempt_at": None})
+    state = _put_step(state, step, at)
+    why = "not retriable" if not retriable else f"{used} attempt(s) used of {policy.max_attempts}"
+    run_error = RunError(
+        kind=error.kind,
+        message=f"step {step.step_id!r} failed ({why}): {error.message}",
+        step_id=step.step_id,
+        attempt=attempt.number,
+    )
+    effects = [
+        _monitor(
+            state,
+            at,
+            StepStatus.FAILED,
+            step_id=step.step_id,
+            attempt=attempt.number,
+            detail={"error": error.message, "kind": error.kind, "will_retry": False},
+        )
+    ]
+    state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
+    return state, effects + finish
+
+
+def _finish(
+    state: RunState,
+    status: RunStatus,
+    at: datetime,
+    *,
+    output: JsonValue = None,
+    error: RunError | None = None,
+    started: bool = True,
+) -> _Changed:
+    state = state.model_copy(
+        update={
+            "status": status,
+            "output": output,
+            "error": error,
+            "completed_at": at,
+            "updated_at": max(at, state.updated_at),
+            "started_at": state.started_at if started else None,
+        }
+    )
+    detail: dict[str, JsonValue] = {}
+    if error is not None:
+        detail = {"error": error.message, "kind": error.kind, "step_id": error.step_id}
+    return state, [
+        _monitor(state, at, status, detail=detail),
+        RunFinished(run_id=state.run_id, status=status, output=output, error=error),
+    ]
+
+
+def effects_of(outcomes: Sequence[Outcome]) -> list[Effect]:
+    """All effects of several outcomes, in order (a convenience for shells and tests)."""
+    return [effect for _, effects in outcomes for effect in effects]

@@ -1,0 +1,1 @@
+"""Shared plumbing: settings, logging, the database and the embedded PostgreSQL server."""

@@ -1,0 +1,404 @@
+"""PostgreSQL access: the engine, the schema, the repositories and the snapshot upsert.
+
+All functions here block; async callers run them in a worker thread
+(DESIGN.md rule 6). Every repository method is its own transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from models.messages import utcnow
+from models.records import Base, StepExecution, WorkflowRun
+from models.run import RunState, RunStatus, StepStatus
+
+__all__ = [
+    "RunRecord",
+    "SnapshotRepository",
+    "StepRecord",
+    "StepRepository",
+    "WorkflowRepository",
+    "create_schema",
+    "make_engine",
+    "normalize_url",
+    "snapshot_rows",
+    "upsert_snapshots",
+]
+
+
+def normalize_url(url: str) -> str:
+    """Pin a PostgreSQL URL to the psycopg2 driver.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not a
+    dependency; ``postgres://`` (Heroku style) is accepted too.
+
+    Raises:
+        ValueError: The URL is not a PostgreSQL URL.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() not in {"postgresql", "postgres"}:
+        raise ValueError(f"Switchyard needs PostgreSQL; got a {parsed.get_backend_name()!r} URL")
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: bool = False) -> Engine:
+    """Create a pooled engine for a PostgreSQL URL.
+
+    Connections are checked before use (``pool_pre_ping``), so a database
+    restart costs one failed ping, not a failed transaction.
+    """
+    return create_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        echo=echo,
+    )
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the tables and indexes that do not exist yet (idempotent)."""
+    Base.metadata.create_all(engine)
+
+
+class StepRecord(BaseModel):
+    """One attempt of one step, as recorded."""
+
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+    run_id: str
+    step_id: str
+    attempt: int
+    agent_name: str
+    status: str
+    input_data: JsonValue = None
+    output_data: JsonValue = None
+    error: JsonValue = None
+    correlation_id: str
+    started_at: datetime | None = None
+    deadline: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class RunRecord(BaseModel):
+    """One run, as recorded; ``steps`` is filled when asked for."""
+
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+    run_id: str
+    workflow_id: str
+    workflow_version: str
+    status: str
+    input: JsonValue = None
+    output: JsonValue = None
+    error: JsonValue = None
+    plan: JsonValue = None
+    version: int
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    updated_at: datetime
+    steps: tuple[StepRecord, ...] = ()
+
+
+def _to_record(run: WorkflowRun, *, with_steps: bool) -> RunRecord:
+    record = RunRecord.model_validate({c.key: getattr(run, c.key) for c in WorkflowRun.__table__.columns})
+    if with_steps:
+        steps = tuple(StepRecord.model_validate(s) for s in run.steps)
+        record = record.model_copy(update={"steps": steps})
+    return record
+
+
+class _Repository:
+    def __init__(self, engine: Engine) -> None:
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def _begin(self) -> AbstractContextManager[Session]:
+        return self._sessions.begin()
+
+
+class WorkflowRepository(_Repository):
+    """Runs: create, update the status, read and list."""
+
+    def create_run(
+        self,
+        run_id: str,
+        plan: dict[str, Any],
+        input: dict[str, Any],
+        *,
+        status: RunStatus = RunStatus.PENDING,
+        created_at: datetime | None = None,
+    ) -> RunRecord:
+        """Record a new run. An existing run with this id is left as it is.
+
+        Returns:
+            The run as recorded (the existing one, if there was one).
+        """
+        now = created_at or utcnow()
+        values = {
+            "run_id": run_id,
+            "workflow_id": str(plan.get("workflow_id", "")),
+            "workflow_version": str(plan.get("version", "")),
+            "status": str(status),
+            "input": input,
+            "plan": plan,
+            "version": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        with self._begin() as session:
+            session.execute(insert(WorkflowRun).values(values).on_conflict_do_nothing(index_elements=["run_id"]))
+            run = session.get_one(WorkflowRun, run_id)
+            return _to_record(run, with_steps=False)
+
+    def update_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        output: Any = None,
+        error: Any = None,
+        at: datetime | None = None,
+    ) -> bool:
+        """Set a run's status (and output or error); stamps started/completed times.
+
+        Returns:
+            Whether a run with this id exists.
+        """
+        now = at or utcnow()
+        values: dict[str, Any] = {"status": str(status), "updated_at": now}
+        if output is not None:
+            values["output"] = output
+        if error is not None:
+            values["error"] = error
+        if status is RunStatus.RUNNING:
+            values["started_at"] = now
+        if status.finished:
+            values["completed_at"] = now
+        with self._begin() as session:
+            result = session.execute(update(WorkflowRun).where(WorkflowRun.run_id == run_id).values(values))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def get_run(self, run_id: str, *, with_steps: bool = True) -> RunRecord | None:
+        """A run and (by default) every attempt of its steps, or None."""
+        with self._begin() as session:
+            query = select(WorkflowRun).where(WorkflowRun.run_id == run_id)
+            if with_steps:
+                query = query.options(selectinload(WorkflowRun.steps))
+            run = session.scalars(query).one_or_none()
+            return None if run is None else _to_record(run, with_steps=with_steps)
+
+    def list_runs(
+        self,
+        *,
+        status: RunStatus | Sequence[RunStatus] | None = None,
+        workflow_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        """Recent runs first, optionally filtered by status and workflow."""
+        query = select(WorkflowRun).order_by(WorkflowRun.created_at.desc(), WorkflowRun.run_id)
+        if status is not None:
+            statuses = [status] if isinstance(status, RunStatus) else list(status)
+            query = query.where(WorkflowRun.status.in_([str(s) for s in statuses]))
+        if workflow_id is not None:
+            query = query.where(WorkflowRun.workflow_id == workflow_id)
+        query = query.limit(max(0, min(limit, 1000))).offset(max(0, offset))
+        with self._begin() as session:
+            return [_to_record(run, with_steps=False) for run in session.scalars(query)]
+
+
+class StepRepository(_Repository):
+    """Attempts of steps: create, update, read by run."""
+
+    def create_step(
+        self,
+        *,
+        run_id: str,
+        step_id: str,
+        attempt: int,
+        agent_name: str,
+        correlation_id: str,
+        input_data: Any = None,
+        status: StepStatus = StepStatus.RUNNING,
+        started_at: datetime | None = None,
+        deadline: datetime | None = None,
+    ) -> StepRecord:
+        """Record an attempt. Creating the same attempt again changes nothing.
+
+        Returns:
+            The attempt as recorded.
+        """
+        values = {
+            "run_id": run_id,
+            "step_id": step_id,
+            "attempt": attempt,
+            "agent_name": agent_name,
+            "correlation_id": correlation_id,
+            "input_data": input_data,
+            "status": str(status),
+            "started_at": started_at or utcnow(),
+            "deadline": deadline,
+        }
+        with self._begin() as session:
+            session.execute(
+                insert(StepExecution)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["run_id", "step_id", "attempt"])
+            )
+            row = session.scalars(
+                select(StepExecution).where(
+                    StepExecution.run_id == run_id, StepExecution.step_id == step_id, StepExecution.attempt == attempt
+                )
+            ).one()
+            return StepRecord.model_validate(row)
+
+    def update_step(
+        self,
+        correlation_id: str,
+        status: StepStatus,
+        *,
+        output_data: Any = None,
+        error: Any = None,
+        completed_at: datetime | None = None,
+    ) -> bool:
+        """Set an attempt's outcome. Finished statuses stamp ``completed_at``.
+
+        Returns:
+            Whether an attempt with this correlation id exists.
+        """
+        values: dict[str, Any] = {"status": str(status)}
+        if output_data is not None:
+            values["output_data"] = output_data
+        if error is not None:
+            values["error"] = error
+        if status.finished:
+            values["completed_at"] = completed_at or utcnow()
+        with self._begin() as session:
+            result = session.execute(
+                update(StepExecution).where(StepExecution.correlation_id == correlation_id).values(values)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def get_steps_by_run_id(self, run_id: str) -> list[StepRecord]:
+        """Every attempt of every step of a run, in the order they started."""
+        query = (
+            select(StepExecution)
+            .where(StepExecution.run_id == run_id)
+            .order_by(StepExecution.started_at, StepExecution.attempt, StepExecution.id)
+        )
+        with self._begin() as session:
+            return [StepRecord.model_validate(row) for row in session.scalars(query)]
+
+
+def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The rows that record a run state: one run row and one row per attempt."""
+    dump = state.model_dump(mode="json")
+    run_row = {
+        "run_id": state.run_id,
+        "workflow_id": state.plan.workflow_id,
+        "workflow_version": state.plan.version,
+        "status": str(state.status),
+        "input": dump["input"],
+        "output": dump["output"],
+        "error": dump["error"],
+        "plan": dump["plan"],
+        "version": state.version,
+        "created_at": state.created_at,
+        "started_at": state.started_at,
+        "completed_at": state.completed_at,
+        "updated_at": state.updated_at,
+    }
+    step_rows = []
+    for step_id, step in state.steps.items():
+        for attempt, attempt_dump in zip(step.attempts, dump["steps"][step_id]["attempts"], strict=True):
+            step_rows.append(
+                {
+                    "run_id": state.run_id,
+                    "step_id": step_id,
+                    "attempt": attempt.number,
+                    "agent_name": attempt.agent_name,
+                    "status": str(attempt.status),
+                    "input_data": attempt_dump["input"],
+                    "output_data": attempt_dump["output"],
+                    "error": attempt_dump["error"],
+                    "correlation_id": attempt.correlation_id,
+                    "run_version": state.version,
+                    "started_at": attempt.dispatch_at,
+                    "deadline": attempt.deadline,
+                    "completed_at": attempt.finished_at,
+                }
+            )
+    return run_row, step_rows
+
+
+def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
+    """Write run snapshots and their attempts inside the caller's transaction.
+
+    Idempotent: writing the same snapshot again changes nothing, and a
+    snapshot older (lower ``version``) than the recorded one is skipped,
+    whatever order batches arrive in; PostgreSQL re-checks the version under
+    the row lock, so concurrent writers end with the newest. Rows are written
+    in key order so that concurrent batches do not deadlock.
+
+    Returns:
+        How many distinct runs were in the batch.
+    """
+    newest: dict[str, RunState] = {}
+    for state in states:
+        kept = newest.get(state.run_id)
+        if kept is None or kept.version < state.version:
+            newest[state.run_id] = state
+    if not newest:
+        return 0
+    run_rows: list[dict[str, Any]] = []
+    step_rows: list[dict[str, Any]] = []
+    for run_id in sorted(newest):
+        run_row, rows = snapshot_rows(newest[run_id])
+        run_rows.append(run_row)
+        step_rows.extend(rows)
+    step_rows.sort(key=lambda r: (r["run_id"], r["step_id"], r["attempt"]))
+
+    run_insert = insert(WorkflowRun)
+    session.execute(
+        run_insert.on_conflict_do_update(
+            index_elements=["run_id"],
+            set_={k: run_insert.excluded[k] for k in run_rows[0] if k not in {"run_id", "created_at"}},
+            where=WorkflowRun.version < run_insert.excluded.version,
+        ),
+        run_rows,
+    )
+    if step_rows:
+        step_insert = insert(StepExecution)
+        session.execute(
+            step_insert.on_conflict_do_update(
+                index_elements=["run_id", "step_id", "attempt"],
+                set_={
+                    k: step_insert.excluded[k]
+                    for k in step_rows[0]
+                    if k not in {"run_id", "step_id", "attempt", "correlation_id"}
+                },
+                where=StepExecution.run_version < step_insert.excluded.run_version,
+            ),
+            step_rows,
+        )
+    return len(run_rows)
+
+
+class SnapshotRepository(_Repository):
+    """Bulk, idempotent writes of run snapshots (for the checkpointer)."""
+
+    def upsert(self, states: Iterable[RunState]) -> int:
+        """Write many run snapshots in one transaction; see :func:`upsert_snapshots`."""
+        with self._begin() as session:
+            return upsert_snapshots(session, states)

