@@ -1,0 +1,175 @@
+"""The agent registry's entries: where an agent lives and how to call it.
+
+Pure data. Secrets are :class:`pydantic.SecretStr` (never printed) and may be
+an environment-variable reference (``"env:NAME"``), resolved only when a call
+is made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, field_validator
+
+from models.plan import RetryPolicy
+
+__all__ = [
+    "AGENT_NAME_PATTERN",
+    "AgentAuth",
+    "AgentEntry",
+    "AuthKind",
+    "CallRetry",
+    "ProtocolVersion",
+    "RecoveryAction",
+    "RecoveryPolicy",
+    "SecretReferenceError",
+]
+
+AGENT_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+_ENV_REF: Final = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+
+ProtocolVersion = Literal["1.0", "0.3"]
+
+
+class SecretReferenceError(ValueError):
+    """A secret names an environment variable that is not set."""
+
+
+class AuthKind(StrEnum):
+    """How an agent wants to be authenticated."""
+
+    BEARER = "bearer"
+    API_KEY = "api_key"
+
+
+class AgentAuth(BaseModel):
+    """Credentials sent with every call to an agent.
+
+    Attributes:
+        kind: ``bearer`` sends ``Authorization: Bearer <secret>``; ``api_key``
+            sends ``<header>: <secret>``.
+        header: The header name for ``api_key`` (default ``X-API-Key``).
+        secret: The token itself, or ``env:NAME`` to read it from the
+            environment at call time (the registry then never holds it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: AuthKind
+    header: str = Field("X-API-Key", pattern=r"^[A-Za-z0-9-]{1,100}$")
+    secret: SecretStr
+
+    def resolve_secret(self) -> str:
+        """The secret in clear, reading an ``env:NAME`` reference now.
+
+        Raises:
+            SecretReferenceError: The referenced variable is not set.
+        """
+        raw = self.secret.get_secret_value()
+        match = _ENV_REF.match(raw)
+        if match is None:
+            return raw
+        value = os.environ.get(match.group(1))
+        if value is None:
+            raise SecretReferenceError(f"environment variable {match.group(1)} (the agent's secret) is not set")
+        return value
+
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers that carry the credentials."""
+        secret = self.resolve_secret()
+        if self.kind is AuthKind.BEARER:
+            return {"Authorization": f"Bearer {secret}"}
+        return {self.header: secret}
+
+    def redacted(self) -> dict[str, JsonValue]:
+        """A JSON view safe to show: the secret is replaced unless it is a reference."""
+        raw = self.secret.get_secret_value()
+        shown = raw if _ENV_REF.match(raw) else "********"
+        return {"kind": str(self.kind), "header": self.header, "secret": shown}
+
+
+class CallRetry(BaseModel):
+    """Retries of one HTTP call inside the bridge (connection errors, 408, 429, 5xx)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    initial_delay_s: float = Field(0.2, ge=0, le=60)
+    multiplier: float = Field(2.0, ge=1, le=10)
+    max_delay_s: float = Field(5.0, ge=0, le=300)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+
+class RecoveryAction(StrEnum):
+    """What happens when a step's attempts run out."""
+
+    FAIL = "fail"
+    FALLBACK = "fallback"
+    SKIP = "skip"
+
+
+class RecoveryPolicy(BaseModel):
+    """The registry's answer to "the step failed for good" (applied by the executor)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: RecoveryAction = RecoveryAction.FAIL
+    fallback_agent: str | None = Field(None, description="For ``fallback``: the agent to call instead.")
+    default_output: JsonValue = Field(None, description="For ``skip``: the step's output.")
+
+
+class AgentEntry(BaseModel):
+    """One agent in the registry.
+
+    Attributes:
+        name: The name plans use in ``agent_name``.
+        url: The A2A JSON-RPC endpoint (http or https only).
+        protocol_version: ``1.0`` (``SendMessage``, header ``A2A-Version``) or
+            ``0.3`` (``message/send``).
+        auth: Credentials, if the agent needs them.
+        timeout_s: Default deadline of a step calling this agent.
+        retry: Default step retry policy for this agent.
+        call_retry: Retries of a single HTTP call in the bridge.
+        recovery: What to do when a step's attempts run out.
+        supports_cancel: Whether ``CancelTask`` is worth sending.
+        description: Free text, e.g. from the agent card.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=AGENT_NAME_PATTERN)]
+    url: str = Field(max_length=2000)
+    protocol_version: ProtocolVersion = "1.0"
+    auth: AgentAuth | None = None
+    timeout_s: float | None = Field(None, gt=0, le=86_400)
+    retry: RetryPolicy | None = None
+    call_retry: CallRetry = CallRetry()
+    recovery: RecoveryPolicy = RecoveryPolicy()
+    supports_cancel: bool = True
+    description: str | None = Field(None, max_length=2000)
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        # Agent URLs come from operators: refuse file:, ftp:, javascript: and the like.
+        if not re.match(r"^https?://[^\s/?#]+", url):
+            raise ValueError("an agent URL must be http:// or https:// with a host")
+        return url
+
+    def redacted(self) -> dict[str, JsonValue]:
+        """A JSON view safe to show or log (no secrets)."""
+        data = self.model_dump(mode="json", exclude={"auth"})
+        data["auth"] = self.auth.redacted() if self.auth else None
+        return data
+
+    def to_storage(self) -> dict[str, JsonValue]:
+        """A JSON view with the secret in clear: for the registry's own storage only."""
+        data = self.model_dump(mode="json")
+        if self.auth is not None:
+            auth = dict(data["auth"])
+            auth["secret"] = self.auth.secret.get_secret_value()
+            data["auth"] = auth
+        return data
