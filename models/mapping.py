@@ -153,12 +153,18 @@ def parse_expression(body: str, text: str | None = None) -> Expression:
             continue
         index = _INDEX_RE.match(body, pos)
         if index is not None:
-            path.append(int(index.group(1)))
+            digits = index.group(1)
+            if len(digits) > 18:
+                raise MappingError(f"malformed expression: index {digits[:20]}... is too large", expression=text)
+            path.append(int(digits))
             pos = index.end()
             continue
         quoted = _QUOTED_RE.match(body, pos)
         if quoted is not None:
-            path.append(json.loads('"' + quoted.group(1) + '"'))
+            try:
+                path.append(json.loads('"' + quoted.group(1) + '"'))
+            except ValueError as error:
+                raise MappingError(f"malformed expression: bad quoted key ({error})", expression=text) from None
             pos = quoted.end()
             continue
         raise MappingError(
@@ -166,6 +172,24 @@ def parse_expression(body: str, text: str | None = None) -> Expression:
             expression=text,
         )
     return Expression(text=text, root=root, kind=kind, path=tuple(path))
+
+
+def _closing_brace(template: str, pos: int) -> int:
+    """The index of the ``}`` that closes a placeholder, skipping quoted keys; -1 if none."""
+    in_quotes = False
+    while pos < len(template):
+        char = template[pos]
+        if in_quotes:
+            if char == "\\":
+                pos += 1
+            elif char == '"':
+                in_quotes = False
+        elif char == '"':
+            in_quotes = True
+        elif char == "}":
+            return pos
+        pos += 1
+    return -1
 
 
 def _scan(template: str, json_path: str) -> Iterator[str | Expression]:
@@ -183,7 +207,7 @@ def _scan(template: str, json_path: str) -> Iterator[str | Expression]:
             pos = start + 2
             continue
         literal.append(template[pos:start])
-        end = template.find("}", start + 2)
+        end = _closing_brace(template, start + 2)
         if end == -1:
             raise MappingError(
                 "malformed expression: '${' is never closed with '}'",
@@ -195,9 +219,10 @@ def _scan(template: str, json_path: str) -> Iterator[str | Expression]:
             expression = parse_expression(template[start + 2 : end], text)
         except MappingError as error:
             raise MappingError(error.reason, expression=text, path=json_path) from None
-        if literal:
-            yield "".join(literal)
-            literal = []
+        text_before = "".join(literal)
+        if text_before:
+            yield text_before
+        literal = []
         yield expression
         pos = end + 1
     joined = "".join(literal)

@@ -28,10 +28,14 @@ from models.plan import WorkflowPlan
 
 __all__ = [
     "RUN_ID_PATTERN",
+    "RunId",
     "SCHEMA_VERSION",
     "AgentError",
     "AgentResult",
     "AgentTask",
+    "ControlCommand",
+    "ControlMessage",
+    "DeadLetterRecord",
     "ErrorKind",
     "Message",
     "MessageDecodeError",
@@ -172,6 +176,57 @@ class MonitoringUpdate(Message):
     detail: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+class ControlCommand(StrEnum):
+    """What a control message asks for."""
+
+    CANCEL = "cancel"
+    RETRY = "retry"
+    STEP_TIMEOUT = "step_timeout"
+
+
+class ControlMessage(Message):
+    """A command about one run, on ``orchestrator.control`` (key = run_id).
+
+    Users send ``cancel`` and ``retry``; the executor's own timers send
+    ``step_timeout`` (tables are only written by agents, so a timer sends an
+    event instead of changing the run itself).
+    """
+
+    run_id: RunId
+    command: ControlCommand
+    step_id: str | None = Field(None, max_length=128)
+    attempt: int | None = Field(None, ge=1)
+    reason: str | None = Field(None, max_length=2000)
+    requested_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _timeout_names_attempt(self) -> ControlMessage:
+        if self.command is ControlCommand.STEP_TIMEOUT and (self.step_id is None or self.attempt is None):
+            raise ValueError("a step_timeout names its step_id and attempt")
+        return self
+
+
+class DeadLetterRecord(Message):
+    """Something that could not be processed, on ``orchestrator.deadletter``, with the reason.
+
+    Attributes:
+        source_topic: Where it was read from.
+        key: The message key as text (None if it had none).
+        reason: Why it was parked, in plain words.
+        payload: The original bytes as UTF-8 text when they are text.
+        payload_base64: The original bytes in base64 when they are not text.
+        app: Which app parked it.
+    """
+
+    source_topic: str
+    key: str | None = None
+    reason: str
+    payload: str | None = None
+    payload_base64: str | None = None
+    app: str
+    received_at: AwareDatetime = Field(default_factory=utcnow)
+
+
 class MessageDecodeError(ValueError):
     """Bytes could not be turned into a message.
 
@@ -193,6 +248,10 @@ M = TypeVar("M", bound=Message)
 def encode(message: Message) -> bytes:
     """Serialize a message to compact JSON bytes."""
     return message.model_dump_json().encode()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -229,13 +288,15 @@ def decode(message_type: type[M], raw: bytes | str | dict[str, Any], *, max_byte
         if max_bytes is not None and len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
             raise MessageDecodeError(name, f"payload is over the limit of {max_bytes} bytes")
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_constant=_reject_constant)
         except json.JSONDecodeError as error:
             raise MessageDecodeError(
                 name, f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
             ) from None
         except RecursionError:
             raise MessageDecodeError(name, "JSON is nested too deeply") from None
+        except ValueError as error:  # NaN/Infinity, integers past Python's digit limit
+            raise MessageDecodeError(name, f"not valid JSON: {error}") from None
     if not isinstance(raw, dict):
         raise MessageDecodeError(name, f"expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version", SCHEMA_VERSION)

@@ -183,13 +183,35 @@ def _path(*parts: str | int) -> str:
     return out
 
 
-def _from_pydantic(error: ValidationError) -> list[PlanProblem]:
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _user_loc(data: Any, loc: tuple[Any, ...], *, missing: bool) -> list[str | int]:
+    """Keep the parts of a pydantic location that exist in the user's data.
+
+    Pydantic also names union branches and validator steps in ``loc``; users
+    never wrote those, so they are left out of the path. A missing field is
+    the one part that cannot be in the data, and is kept.
+    """
+    out: list[str | int] = []
+    node = data
+    for index, part in enumerate(loc):
+        present = (isinstance(node, Mapping) and isinstance(part, str) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if present:
+            node = node[part]
+            out.append(part)
+        elif missing and index == len(loc) - 1 and isinstance(part, str | int):
+            out.append(part)
+    return out
+
+
+def _from_pydantic(error: ValidationError, data: Any) -> list[PlanProblem]:
     problems = []
     for item in error.errors(include_url=False):
-        loc = [p for p in item["loc"] if isinstance(p, str | int)]
-        # Pydantic names union branches and wrapper steps in ``loc``; users
-        # never wrote those, so leave them out of the path.
-        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"function-after"}))]
+        loc = _user_loc(data, tuple(item["loc"]), missing=item["type"] == "missing")
         reason = item["msg"]
         if item["type"] == "extra_forbidden":
             reason = "unknown field (check the spelling)"
@@ -312,15 +334,17 @@ def load_plan(data: Mapping[str, Any] | str | bytes) -> WorkflowPlan:
     """
     if isinstance(data, bytes | str):
         try:
-            data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            data = json.loads(data, parse_constant=_reject_constant)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, huge integers
             raise PlanValidationError([PlanProblem("$", f"not valid JSON: {error}")]) from None
+        except RecursionError:
+            raise PlanValidationError([PlanProblem("$", "not valid JSON: nested too deeply")]) from None
     if not isinstance(data, Mapping):
         raise PlanValidationError([PlanProblem("$", f"a plan is a JSON object, not {type(data).__name__}")])
     try:
         plan = WorkflowPlan.model_validate(dict(data))
     except ValidationError as error:
-        raise PlanValidationError(_from_pydantic(error)) from None
+        raise PlanValidationError(_from_pydantic(error, data)) from None
     problems = check_plan(plan)
     if problems:
         raise PlanValidationError(problems)

@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaDat
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "StepExecution", "WorkflowRun"]
+__all__ = ["AgentRecord", "Base", "StepExecution", "WorkflowRun"]
 
 # Stable constraint names, so migrations and error messages can refer to them.
 _NAMING = {
@@ -90,3 +90,14 @@ class StepExecution(Base):
         UniqueConstraint("run_id", "step_id", "attempt"),
         Index("ix_step_executions_run_id", "run_id"),
     )
+
+
+class AgentRecord(Base):
+    """One agent of the built-in registry; ``entry`` is an :class:`models.agents.AgentEntry` as JSON."""
+
+    __tablename__ = "agents"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    entry: Mapped[Any] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

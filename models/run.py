@@ -34,6 +34,7 @@ from models.messages import (
     ErrorKind,
     MonitoringUpdate,
     ResultStatus,
+    RunId,
     correlation_id,
 )
 from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, check_plan
@@ -191,7 +192,7 @@ class RunSubmitted(BaseModel):
 
     model_config = _FROZEN
 
-    run_id: str
+    run_id: RunId
     plan: WorkflowPlan
     input: dict[str, JsonValue] = Field(default_factory=dict)
     at: AwareDatetime

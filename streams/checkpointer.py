@@ -1,0 +1,127 @@
+"""The checkpointer: writes run snapshots to PostgreSQL, batched, idempotent, off the event loop.
+
+Agents hand it every changed :class:`~models.run.RunState` with :meth:`put`,
+which never blocks and never awaits. Only the newest snapshot of each run is
+kept until the next flush; a flush writes them all in one transaction in a
+worker thread (DESIGN.md rule 6). A failed flush keeps its snapshots and tries
+again with backoff, so a database outage delays the record but loses nothing
+while the worker lives (and the changelog still has the state if it dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from mode import Service
+
+from models.run import RunState
+from switchyard.database import Database
+from switchyard.db import SnapshotRepository
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer(Service):
+    """Batches run snapshots and upserts them into PostgreSQL."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        interval_s: float = 0.2,
+        batch_size: int = 500,
+        max_backoff_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        self.database = database
+        self.interval_s = interval_s
+        self.batch_size = batch_size
+        self.max_backoff_s = max_backoff_s
+        self._pending: dict[str, RunState] = {}
+        self._wakeup = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self.written = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        super().__init__(**kwargs)
+
+    def put(self, state: RunState) -> None:
+        """Queue a snapshot; a newer one of the same run replaces it. Never blocks."""
+        kept = self._pending.get(state.run_id)
+        if kept is None or kept.version <= state.version:
+            self._pending[state.run_id] = state
+        if len(self._pending) >= self.batch_size:
+            self._wakeup.set()
+
+    @property
+    def backlog(self) -> int:
+        """Snapshots waiting to be written."""
+        return len(self._pending)
+
+    async def flush(self) -> int:
+        """Write what is pending now; on failure, keep it for the next try.
+
+        Returns:
+            How many runs were written.
+        """
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        try:
+            await asyncio.to_thread(SnapshotRepository(self.database.engine).upsert, list(batch.values()))
+        except Exception as error:
+            # Put the batch back under anything newer that arrived meanwhile.
+            for run_id, state in batch.items():
+                newer = self._pending.get(run_id)
+                if newer is None or newer.version < state.version:
+                    self._pending[run_id] = state
+            self.failures += 1
+            self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise
+        self.written += len(batch)
+        self.last_error = None
+        return len(batch)
+
+    async def wait_flushed(self, within_s: float = 10.0) -> bool:
+        """Wait until nothing is pending (for tests and shutdown)."""
+        deadline = time.monotonic() + within_s
+        while self._pending and time.monotonic() < deadline:
+            self._wakeup.set()
+            await asyncio.sleep(0.02)
+        return not self._pending
+
+    @Service.task
+    async def _flush_loop(self) -> None:
+        backoff = self.interval_s
+        while not self.should_stop:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
+            self._wakeup.clear()
+            try:
+                await self.flush()
+                backoff = self.interval_s
+            except Exception:
+                backoff = min(self.max_backoff_s, max(backoff * 2, 0.5))
+                log.warning(
+                    "checkpoint failed; %d run(s) kept for retry in %.1fs: %s",
+                    len(self._pending),
+                    backoff,
+                    self.last_error,
+                )
+
+    async def on_stop(self) -> None:
+        """Write what is left before the database closes."""
+        for _ in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception:
+                await asyncio.sleep(0.5)
+        if self._pending:
+            log.error("stopping with %d run snapshot(s) not written: %s", len(self._pending), self.last_error)

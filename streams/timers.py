@@ -1,0 +1,82 @@
+"""In-memory timers for delayed dispatches and step deadlines.
+
+Timers only *send* messages (a task to the bridge, a ``step_timeout`` control
+event to the executor itself); they never write a table (DESIGN.md rule 2).
+They live in memory: after a restart or a rebalance the executor asks the pure
+core (:func:`models.run.resume`) what each running run needs and sets them
+again. Keys make setting the same timer twice harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from mode import Service
+
+from models.messages import utcnow
+
+__all__ = ["Timers"]
+
+log = logging.getLogger(__name__)
+
+Action = Callable[[], Awaitable[None]]
+
+
+class Timers(Service):
+    """Runs an action at a wall-clock time; one pending action per key."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._actions: dict[str, tuple[datetime, Action]] = {}
+        self._counter = itertools.count()
+        self._changed = asyncio.Event()
+        super().__init__(**kwargs)
+
+    def __len__(self) -> int:
+        return len(self._actions)
+
+    def call_at(self, when: datetime, key: str, action: Action) -> None:
+        """Run ``action`` at ``when`` (at once if it is past); replaces a timer with the same key."""
+        self._actions[key] = (when, action)
+        heapq.heappush(self._heap, (when, next(self._counter), key))
+        self._changed.set()
+
+    def cancel(self, key: str) -> None:
+        """Forget a pending timer (no error if there is none)."""
+        self._actions.pop(key, None)
+
+    def _pop_due(self, now: datetime) -> list[tuple[str, Action]]:
+        due: list[tuple[str, Action]] = []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, key = heapq.heappop(self._heap)
+            entry = self._actions.get(key)
+            if entry is not None and entry[0] == when:  # not replaced or cancelled since
+                del self._actions[key]
+                due.append((key, entry[1]))
+        return due
+
+    @Service.task
+    async def _run(self) -> None:
+        while not self.should_stop:
+            now = utcnow()
+            for key, action in self._pop_due(now):
+                try:
+                    await action()
+                except Exception:
+                    # Usually the broker is briefly away: try again soon rather than lose a deadline.
+                    log.exception("timer %s failed; trying again in 1s", key)
+                    if key not in self._actions:
+                        self.call_at(now + timedelta(seconds=1), key, action)
+            wait = 1.0
+            if self._heap:
+                wait = max(0.0, min(wait, (self._heap[0][0] - utcnow()).total_seconds()))
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=wait)

@@ -1,0 +1,19 @@
+"""Topic names, one place for both apps.
+
+Every topic whose events change a run (plans, results, control) is keyed by
+``run_id`` and has as many partitions as the ``runs`` table (DESIGN.md rule 1).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["CONTROL", "DEADLETTER", "MONITORING", "PLANS", "RESULTS", "RUNS_TABLE", "TASKS"]
+
+PLANS: Final = "orchestrator.plans"
+RESULTS: Final = "results.topic"
+CONTROL: Final = "orchestrator.control"
+TASKS: Final = "orchestrator.tasks.http"
+MONITORING: Final = "orchestrator.monitoring"
+DEADLETTER: Final = "orchestrator.deadletter"
+RUNS_TABLE: Final = "runs"

@@ -1,0 +1,192 @@
+"""Builders shared by the run state machine tests: plans, events and checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from pydantic import JsonValue
+
+from models.messages import AgentError, AgentResult, ResultStatus
+from models.plan import RetryPolicy, WorkflowPlan
+from models.run import (
+    AgentResultReceived,
+    Checkpoint,
+    DeadLetter,
+    Effect,
+    Event,
+    ExecutionDefaults,
+    RunState,
+    RunSubmitted,
+    transition,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+RUN_ID = "run-1"
+INPUT: dict[str, JsonValue] = {"text": "hello"}
+
+# Retries happen at once: the retried attempt is RUNNING, not PENDING.
+NO_DELAY = RetryPolicy(max_attempts=3, initial_delay_s=0.0, jitter=0.0)
+
+E = TypeVar("E")
+
+
+def secs(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus ``seconds``."""
+    return T0 + secs(seconds)
+
+
+def step_ids(n_steps: int) -> list[str]:
+    return [f"s{i}" for i in range(1, n_steps + 1)]
+
+
+def make_plan(
+    n_steps: int = 2,
+    *,
+    timeout_s: float | None = None,
+    retry: RetryPolicy | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> WorkflowPlan:
+    """A linear plan s1 -> s2 -> ...; s1 reads the workflow input, each later step the previous ``summary``.
+
+    Args:
+        n_steps: How many steps.
+        timeout_s: Every step's ``timeout_s`` (None: the run's defaults).
+        retry: Every step's retry policy (None: the run's defaults).
+        overrides: Per step id, fields that replace the generated ones.
+    """
+    ids = step_ids(n_steps)
+    steps: dict[str, dict[str, Any]] = {}
+    for index, step_id in enumerate(ids):
+        mapping: dict[str, Any] = (
+            {"text": "${workflow.input.text}"}
+            if index == 0
+            else {"previous": "${" + ids[index - 1] + ".output.summary}", "topic": "${workflow.input.text}"}
+        )
+        step: dict[str, Any] = {
+            "id": step_id,
+            "agent_name": f"agent-{step_id}",
+            "input_mapping": mapping,
+            "next_step": ids[index + 1] if index + 1 < len(ids) else None,
+        }
+        if timeout_s is not None:
+            step["timeout_s"] = timeout_s
+        if retry is not None:
+            step["retry"] = retry.model_dump()
+        step.update((overrides or {}).get(step_id, {}))
+        steps[step_id] = step
+    return WorkflowPlan.model_validate(
+        {"workflow_id": "wf", "name": "test workflow", "version": "1", "start_step": ids[0], "steps": steps}
+    )
+
+
+def submitted(
+    plan: WorkflowPlan,
+    *,
+    when: datetime = T0,
+    run_input: dict[str, JsonValue] | None = None,
+    defaults: ExecutionDefaults | None = None,
+    run_id: str = RUN_ID,
+) -> RunSubmitted:
+    return RunSubmitted(
+        run_id=run_id,
+        plan=plan,
+        input=dict(INPUT) if run_input is None else run_input,
+        at=when,
+        defaults=defaults if defaults is not None else ExecutionDefaults(),
+    )
+
+
+def start(plan: WorkflowPlan, **kwargs: Any) -> RunState:
+    """A freshly submitted run (asserts it was created)."""
+    state, _ = transition(None, submitted(plan, **kwargs))
+    assert state is not None
+    return state
+
+
+def result(
+    state: RunState,
+    when: datetime,
+    *,
+    ok: bool = True,
+    output: JsonValue = None,
+    error: AgentError | None = None,
+    step_id: str | None = None,
+    attempt: int | None = None,
+    correlation: str | None = None,
+) -> AgentResultReceived:
+    """A result for ``step_id`` (default: the current step), by default for its latest attempt.
+
+    A success without an ``output`` carries ``{"summary": "out-<step>"}``, which the next step reads.
+    """
+    step_id = step_id if step_id is not None else state.current_step
+    assert step_id is not None
+    step = state.steps.get(step_id)
+    current = step.current if step is not None else None
+    number = attempt if attempt is not None else (current.number if current is not None else 1)
+    if correlation is None:
+        correlation = f"{state.run_id}/{step_id}/{number}"
+    if ok and output is None:
+        output = {"summary": f"out-{step_id}"}
+    if not ok and error is None:
+        error = AgentError(kind="agent_failed", message="agent exploded", retriable=True)
+    return AgentResultReceived(
+        result=AgentResult(
+            correlation_id=correlation,
+            run_id=state.run_id,
+            step_id=step_id,
+            attempt=number,
+            status=ResultStatus.SUCCESS if ok else ResultStatus.FAILURE,
+            output=output if ok else None,
+            error=None if ok else error,
+            started_at=when,
+            finished_at=when,
+        ),
+        at=when,
+    )
+
+
+def failure(
+    state: RunState,
+    when: datetime,
+    *,
+    kind: str = "agent_failed",
+    message: str = "agent exploded",
+    retriable: bool = True,
+    **kwargs: Any,
+) -> AgentResultReceived:
+    error = AgentError(kind=kind, message=message, retriable=retriable)
+    return result(state, when, ok=False, error=error, **kwargs)
+
+
+def step(state: RunState | None, event: Event) -> tuple[RunState, list[Effect]]:
+    """One transition that must leave a state (not None)."""
+    new, effects = transition(state, event)
+    assert new is not None
+    return new, effects
+
+
+def of_type(effects: Iterable[object], kind: type[E]) -> list[E]:
+    return [effect for effect in effects if isinstance(effect, kind)]
+
+
+def assert_changed(old: RunState | None, new: RunState | None, effects: Sequence[Effect]) -> None:
+    """A changing transition: a new object, version + 1, one Checkpoint of it, last."""
+    assert new is not None
+    assert new is not old
+    assert new.version == (1 if old is None else old.version + 1)
+    assert effects, "a change has effects"
+    assert effects[-1] == Checkpoint(state=new)
+    assert len(of_type(effects, Checkpoint)) == 1
+    assert not of_type(effects, DeadLetter)
+
+
+def assert_unchanged(old: RunState | None, new: RunState | None, effects: Sequence[Effect]) -> None:
+    """An idempotent transition: the very same object and no effects."""
+    assert new is old
+    assert effects == []
