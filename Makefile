@@ -31,10 +31,10 @@ test: check
 schema: install
 	$(PY) -c 'import json; from models.plan import plan_json_schema; print(json.dumps(plan_json_schema(), indent=2))' > schemas/workflow-plan.schema.json
 
-demo:
-	@echo "make demo arrives with the end-to-end issue (executor, bridge and agents on the embedded stack)."
-	@echo "Today Switchyard is its core: plans, mapping, messages, the run state machine and the PostgreSQL record."
-	@exit 2
+# The whole stack on the embedded default: broker, PostgreSQL, executor, bridge
+# and example agents; one workflow end to end; then everything stops.
+demo: install
+	$(PY) -m switchyard.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build *.egg-info

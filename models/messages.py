@@ -8,6 +8,7 @@ bytes, invalid UTF-8, wrong JSON shape, unknown schema version, too large).
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime
@@ -89,6 +90,9 @@ class ErrorKind(StrEnum):
     MAPPING_ERROR = "mapping_error"
     INVALID_PLAN = "invalid_plan"
     CANCELLED = "cancelled"
+    CONFIGURATION = "configuration"
+    BRIDGE_ERROR = "bridge_error"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
 
 
 class ResultStatus(StrEnum):
@@ -225,6 +229,23 @@ class DeadLetterRecord(Message):
     payload_base64: str | None = None
     app: str
     received_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def of(cls, source_topic: str, key: bytes | None, payload: bytes, reason: str, app: str) -> DeadLetterRecord:
+        """Describe something that could not be processed, keeping the original bytes."""
+        try:
+            text: str | None = payload.decode("utf-8")
+            encoded: str | None = None
+        except UnicodeDecodeError:
+            text, encoded = None, base64.b64encode(payload).decode()
+        return cls(
+            source_topic=source_topic,
+            key=key.decode("utf-8", "replace") if key is not None else None,
+            reason=reason,
+            payload=text,
+            payload_base64=encoded,
+            app=app,
+        )
 
 
 class MessageDecodeError(ValueError):

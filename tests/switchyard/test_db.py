@@ -436,3 +436,38 @@ def test_upsert_records_dispatch_and_deadline_times(engine: Engine) -> None:
     assert row.started_at == T0
     assert row.deadline == dispatch.task.deadline
     assert row.correlation_id == dispatch.task.correlation_id == "times-run/research/1"
+
+
+def test_schema_creation_from_many_processes_at_once(postgres_server) -> None:
+    """Executor, bridge and CLI start together: concurrent create_schema must not collide."""
+    from sqlalchemy import create_engine
+
+    from switchyard.db import make_engine
+
+    name = "t_schema_race"
+    admin = create_engine(postgres_server.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engines = [make_engine(postgres_server.url_for(name)) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(engines))
+
+    def create(engine: Engine) -> None:
+        barrier.wait()
+        try:
+            create_schema(engine)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=create, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for engine in engines:
+        engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+    assert errors == []

@@ -1,0 +1,214 @@
+"""The bridge Faust app: ``faust -A agents_bridge.app --datadir DIR worker``.
+
+It consumes agent tasks (its own consumer group, scalable apart from the
+executor), looks each agent up in the registry, calls it over A2A, and
+publishes the result keyed by run_id. Many calls are in flight per worker
+(``SWITCHYARD_BRIDGE_CONCURRENCY`` actors share the task stream), since agents
+are slow. A repeated task (same correlation id) joins the call in flight or
+gets the remembered result instead of calling the agent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+from faust import web
+from faust.types import StreamT
+from mode import Service
+
+from agents_bridge.calls import AgentCaller, CallSettings
+from agents_bridge.memory import CallMemory
+from models.messages import (
+    AgentError,
+    AgentResult,
+    AgentTask,
+    DeadLetterRecord,
+    ErrorKind,
+    MessageDecodeError,
+    MonitoringUpdate,
+    ResultStatus,
+    decode,
+    encode,
+    utcnow,
+)
+from switchyard import topics
+from switchyard.database import Database
+from switchyard.faust_app import SwitchyardApp, app_settings
+from switchyard.registry import CachedRegistry, DatabaseRegistry, HttpRegistry, Registry, RegistryError, RegistryStore
+from switchyard.settings import Settings
+
+__all__ = ["APP_ID", "Bridge", "BridgeApp", "app", "create_app"]
+
+log = logging.getLogger(__name__)
+
+APP_ID = "switchyard-bridge"
+
+
+class Bridge(Service):
+    """The bridge's long-lived parts: HTTP session, registry, caller, call memory."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.settings = settings
+        self.memory = CallMemory()
+        self.database: Database | None = None if settings.registry_url else Database(settings)
+        self._session: aiohttp.ClientSession | None = None
+        self._registry: Registry | None = None
+        self._caller: AgentCaller | None = None
+        self.calls = 0
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        """Open the HTTP session and the registry (waiting for the database if it is used)."""
+        connector = aiohttp.TCPConnector(limit=max(100, self.settings.bridge_concurrency * 2))
+        self._session = aiohttp.ClientSession(connector=connector)
+        inner: Registry
+        if self.settings.registry_url:
+            inner = HttpRegistry(self.settings.registry_url, self._session)
+        else:
+            assert self.database is not None
+            await self.database.maybe_start()
+            inner = DatabaseRegistry(RegistryStore(self.database.engine))
+        self._registry = CachedRegistry(inner, self.settings.registry_cache_ttl_s)
+        self._caller = AgentCaller(
+            self._session,
+            CallSettings(call_timeout_s=self.settings.call_timeout_s, poll_interval_s=self.settings.poll_interval_s),
+        )
+
+    async def on_stop(self) -> None:
+        """Close the HTTP session and the database."""
+        if self._session is not None:
+            await self._session.close()
+        if self.database is not None:
+            await self.database.stop()
+
+    async def execute(self, task: AgentTask) -> AgentResult:
+        """Carry out one task once per correlation id. Never raises for a call problem."""
+        return await self.memory.run(task.correlation_id, lambda: self._execute(task))
+
+    async def _execute(self, task: AgentTask) -> AgentResult:
+        assert self._registry is not None
+        assert self._caller is not None
+        started = utcnow()
+        if task.deadline <= started:
+            return _failure(task, started, ErrorKind.TIMEOUT, "the deadline passed before the call could start", True)
+        try:
+            agent = await self._registry.get(task.agent_name)
+        except RegistryError as error:
+            return _failure(task, started, ErrorKind.REGISTRY_UNAVAILABLE, str(error), True)
+        if agent is None:
+            # Retriable: registering the agent is the fix, and the step's retry policy bounds the wait.
+            return _failure(
+                task, started, ErrorKind.UNKNOWN_AGENT, f"no agent {task.agent_name!r} in the registry", True
+            )
+        self.calls += 1
+        return await self._caller.call(task, agent)
+
+
+def _failure(task: AgentTask, started: Any, kind: str, message: str, retriable: bool) -> AgentResult:
+    return AgentResult(
+        correlation_id=task.correlation_id,
+        run_id=task.run_id,
+        step_id=task.step_id,
+        attempt=task.attempt,
+        status=ResultStatus.FAILURE,
+        error=AgentError(kind=kind, message=message, retriable=retriable),
+        started_at=started,
+        finished_at=utcnow(),
+    )
+
+
+class BridgeApp(SwitchyardApp):
+    """The bridge app, with its parts reachable for tests."""
+
+    settings: Settings
+    bridge: Bridge
+    tasks_topic: Any
+    results_topic: Any
+    monitoring_topic: Any
+    deadletter_topic: Any
+
+    async def on_first_start(self) -> None:
+        """Wait for the broker before Faust tries to reach it."""
+        await self.wait_for_services(self.settings, self.bridge)
+        await super().on_first_start()
+
+
+def create_app(settings: Settings | None = None) -> BridgeApp:
+    """Build the bridge app.
+
+    Args:
+        settings: Defaults to settings from the environment.
+    """
+    settings = settings or Settings()
+    app = BridgeApp(
+        APP_ID,
+        embedded_broker=settings.embedded_broker,
+        **app_settings(settings, web_port=settings.bridge_web_port),
+    )
+    app.settings = settings
+    partitions = settings.topic_partitions
+    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
+    app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
+    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
+    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
+    app.bridge = Bridge(settings)
+    app.service(app.bridge)  # type: ignore[arg-type]  # Faust accepts instances
+    limit = settings.max_message_bytes
+
+    async def handle(key: bytes | None, value: bytes) -> None:
+        try:
+            task = decode(AgentTask, value, max_bytes=limit)
+        except MessageDecodeError as error:
+            log.warning("dead letter from %s: %s", topics.TASKS, error)
+            record = DeadLetterRecord.of(topics.TASKS, key, value, str(error), APP_ID)
+            await app.deadletter_topic.send(key=key or b"", value=encode(record))
+            return
+        result = await app.bridge.execute(task)
+        await app.results_topic.send(key=task.run_id.encode(), value=encode(result))
+        took_ms = (result.finished_at - result.started_at).total_seconds() * 1000
+        update = MonitoringUpdate(
+            run_id=task.run_id,
+            step_id=task.step_id,
+            attempt=task.attempt,
+            status=f"AGENT_{result.status}",
+            detail={"agent": task.agent_name, "took_ms": round(took_ms, 1), "source": "bridge"},
+        )
+        await app.monitoring_topic.send(key=task.run_id.encode(), value=encode(update))
+
+    async def call_agents(stream: StreamT[Any]) -> None:
+        async for event in stream.events():
+            key = event.key if isinstance(event.key, bytes) else None
+            value = event.value if isinstance(event.value, bytes) else b""
+            try:
+                await handle(key, value)
+            except Exception as error:
+                log.exception("could not process a task")
+                record = DeadLetterRecord.of(
+                    topics.TASKS, key, value, f"internal error: {type(error).__name__}: {error}", APP_ID
+                )
+                await app.deadletter_topic.send(key=key or b"", value=encode(record))
+
+    app.agent(app.tasks_topic, name="call_agents", concurrency=settings.bridge_concurrency)(call_agents)
+
+    @app.page("/health/")
+    class Health(web.View):
+        async def get(self, request: web.Request) -> web.Response:
+            bridge = app.bridge
+            return self.json(
+                {
+                    "app": app.conf.id,
+                    "ready": True,
+                    "calls_made": bridge.calls,
+                    "calls_in_flight": bridge.memory.in_flight,
+                    "repeats_joined": bridge.memory.joined,
+                    "repeats_remembered": bridge.memory.remembered,
+                    "assigned_partitions": len(app.assignor.assigned_actives()),
+                }
+            )
+
+    return app
+
+
+app = create_app()

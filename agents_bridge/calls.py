@@ -1,0 +1,484 @@
+"""Calling an A2A agent over aiohttp: deadlines, retries, polling.
+
+:class:`AgentCaller` turns one :class:`~models.messages.AgentTask` into one
+:class:`~models.messages.AgentResult`. It never raises for a problem with the
+call (only ``asyncio.CancelledError`` goes through); every way a call can go
+wrong becomes a FAILURE with a kind from :class:`~models.messages.ErrorKind`.
+
+Deadlines
+    The whole call, retries and polling included, ends by ``task.deadline``.
+    Each HTTP request is also bounded by :attr:`CallSettings.call_timeout_s`.
+    A deadline that passes gives ``timeout`` (retriable: the executor's step
+    retry decides what happens next).
+
+Retries of one HTTP request (policy: ``agent.call_retry``)
+    Connection errors, timeouts of a single request, HTTP 408, 429 and 5xx are
+    tried again, up to ``max_attempts`` requests in all, after an exponential
+    delay (``initial_delay_s * multiplier ** (n - 1)``, at most
+    ``max_delay_s``, spread by ``± jitter``). A ``Retry-After`` header
+    (seconds or an HTTP date) on any of these answers replaces the delay; if
+    it, or any delay, would end after the deadline, the call gives up at once
+    instead of sleeping in vain. When the attempts run out the result is a
+    retriable FAILURE of kind ``connection``, ``timeout`` or ``http_status``.
+    Other 4xx (and 3xx: redirects are not followed, so credentials never go to
+    another host) are final: ``http_status``, not retriable. Any 2xx body is
+    read as a JSON-RPC answer. A failure the
+    agent reports (task FAILED, a JSON-RPC error, a malformed answer) is final
+    too. A request retried after a timeout may reach the agent twice; it
+    carries the same message id and idempotency key (at-least-once).
+
+Polling
+    SendMessage asks the agent to block until the task is done (the A2A
+    default). A task that comes back SUBMITTED or WORKING is polled with
+    GetTask every :attr:`CallSettings.poll_interval_s` (each poll retried like
+    above) until it is terminal, interrupted, or the deadline passes. The
+    agent's task id is remembered meanwhile, so :meth:`AgentCaller.cancel`
+    accepts the correlation id.
+
+Credentials
+    ``agent.auth.headers()`` is read at call time. A secret that names an
+    unset environment variable gives a FAILURE of kind ``configuration``
+    (:data:`CONFIGURATION_ERROR`), not retriable: the operator has to fix the
+    environment; ``auth_required`` stays what it means in A2A, the agent
+    asking for credentials. Headers are never logged; URLs are logged without
+    user info or query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from pydantic import JsonValue
+
+from agents_bridge.a2a import (
+    AGENT_CARD_PATH,
+    MAX_MESSAGE_CHARS,
+    AgentCardError,
+    CardInfo,
+    Completed,
+    Failed,
+    Interrupted,
+    JsonObject,
+    Outcome,
+    Pending,
+    TaskState,
+    cancel_task_request,
+    get_task_request,
+    is_http_url,
+    parse_agent_card,
+    parse_response,
+    request_headers,
+    send_message_request,
+)
+from models.agents import AgentEntry, CallRetry, SecretReferenceError
+from models.messages import AgentError, AgentResult, AgentTask, ErrorKind, ResultStatus, utcnow
+
+__all__ = [
+    "CONFIGURATION_ERROR",
+    "INTERNAL_ERROR",
+    "AgentCaller",
+    "CallSettings",
+    "backoff_delay",
+    "fetch_card",
+    "parse_retry_after",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIGURATION_ERROR: Final = ErrorKind.CONFIGURATION
+"""Error kind: the registry entry cannot be used as it stands (e.g. its secret's variable is unset)."""
+INTERNAL_ERROR: Final = ErrorKind.BRIDGE_ERROR
+"""Error kind: a bug in the bridge itself; logged with its traceback, retriable."""
+
+_RETRIED_STATUSES: Final = frozenset({408, 429})
+_DEADLINE_GRACE_S: Final = 0.1
+_CARD_MAX_BYTES: Final = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """How the caller behaves, whatever the agent.
+
+    Attributes:
+        call_timeout_s: Upper bound of one HTTP request (the deadline may cut it shorter).
+        poll_interval_s: Pause between two GetTask polls of a pending task.
+        max_response_bytes: Larger answers are ``malformed_response``.
+        cancel_timeout_s: Upper bound of a best-effort CancelTask request.
+        remembered_tasks: How many correlation id -> agent task id pairs are kept for :meth:`AgentCaller.cancel`.
+    """
+
+    call_timeout_s: float = 60.0
+    poll_interval_s: float = 0.5
+    max_response_bytes: int = 8 * 1024 * 1024
+    cancel_timeout_s: float = 5.0
+    remembered_tasks: int = 10_000
+
+
+@dataclass(frozen=True)
+class _Transient:
+    """A request that may succeed if tried again."""
+
+    kind: str
+    message: str
+    retry_after_s: float | None = None
+
+
+def backoff_delay(policy: CallRetry, failed_attempt: int, rng: random.Random) -> float:
+    """The pause after the ``failed_attempt``-th request (counted from 1).
+
+    Args:
+        policy: The agent's retry policy.
+        failed_attempt: The request that just failed.
+        rng: Source of the jitter.
+
+    Returns:
+        ``min(max_delay_s, initial_delay_s * multiplier ** (failed_attempt - 1))``
+        spread by ``± jitter``, never negative.
+    """
+    base = min(policy.max_delay_s, policy.initial_delay_s * policy.multiplier ** max(0, failed_attempt - 1))
+    return max(0.0, base * (1 + policy.jitter * rng.uniform(-1.0, 1.0)))
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` header.
+
+    Args:
+        value: The header: delay seconds (``"120"``) or an HTTP date.
+        now: The current time, timezone-aware.
+
+    Returns:
+        Seconds (0 for a date in the past), or None if absent or unreadable.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())
+
+
+def _safe_url(url: str) -> str:
+    """The URL as it may appear in logs and messages: no user info, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "<invalid url>"
+    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None if it is longer than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Call:
+    """One :meth:`AgentCaller.call` in progress: the task, the agent, the deadline."""
+
+    def __init__(self, caller: AgentCaller, task: AgentTask, agent: AgentEntry, deadline: float) -> None:
+        self.caller = caller
+        self.task = task
+        self.agent = agent
+        self.deadline = deadline  # loop.time() at which the task's deadline passes
+        self._ids = itertools.count(1)
+
+    def remaining(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def request_id(self) -> str:
+        return f"{self.task.correlation_id}#{next(self._ids)}"
+
+    def timeout_failure(self, doing: str) -> Failed:
+        return Failed(ErrorKind.TIMEOUT.value, f"the deadline passed while {doing}", retriable=True)
+
+    async def run(self, headers: Mapping[str, str]) -> Outcome:
+        protocol = self.agent.protocol_version
+        outcome = await self.rpc(send_message_request(self.task, protocol, request_id=self.request_id()), headers)
+        while isinstance(outcome, Pending):
+            self.caller._remember(self.task.correlation_id, outcome.task_id)
+            pause = min(self.caller.settings.poll_interval_s, self.remaining())
+            if pause > 0:
+                await asyncio.sleep(pause)
+            if self.remaining() <= 0:
+                return self.timeout_failure(f"the task was still {outcome.state.value}")
+            logger.debug("polling task %s of %s", outcome.task_id, self.task.correlation_id)
+            outcome = await self.rpc(get_task_request(outcome.task_id, protocol, request_id=self.request_id()), headers)
+        return outcome
+
+    async def rpc(self, body: JsonObject, headers: Mapping[str, str]) -> Outcome:
+        """One JSON-RPC request, retried on transient problems as the agent's policy says."""
+        policy = self.agent.call_retry
+        method = str(body["method"])
+        last: _Transient | None = None
+        for attempt in range(1, policy.max_attempts + 1):
+            remaining = self.remaining()
+            if remaining <= 0:
+                return self.timeout_failure(f"calling {method}")
+            timeout_s = min(self.caller.settings.call_timeout_s, remaining)
+            answer = await self.caller._post(self.agent, body, headers, timeout_s)
+            if not isinstance(answer, _Transient):
+                return answer
+            last = answer
+            if self.remaining() <= 0:
+                return self.timeout_failure(f"calling {method} ({answer.message})")
+            if attempt == policy.max_attempts:
+                break
+            delay = answer.retry_after_s
+            if delay is None:
+                delay = backoff_delay(policy, attempt, self.caller.rng)
+            if delay >= self.remaining():
+                logger.warning(
+                    "%s to %s for %s: %s; the next try would start after the deadline",
+                    method,
+                    self.agent.name,
+                    self.task.correlation_id,
+                    answer.message,
+                )
+                return Failed(answer.kind, _clip(f"{answer.message}; no time left to try again"), retriable=True)
+            logger.warning(
+                "%s to %s for %s failed (attempt %d of %d): %s; retrying in %.2fs",
+                method,
+                self.agent.name,
+                self.task.correlation_id,
+                attempt,
+                policy.max_attempts,
+                answer.message,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        assert last is not None  # the loop ran at least once and ended on a transient answer
+        return Failed(last.kind, _clip(f"gave up after {policy.max_attempts} attempts: {last.message}"), retriable=True)
+
+
+class AgentCaller:
+    """Calls agents for the bridge; one instance per worker, sharing one HTTP session.
+
+    Args:
+        session: The aiohttp session to use (owned by the caller's owner, who closes it).
+        settings: Timeouts, poll interval and limits.
+        rng: Source of the backoff jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: CallSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.session = session
+        self.settings = settings or CallSettings()
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._task_ids: OrderedDict[str, str] = OrderedDict()
+
+    def _remember(self, correlation_id: str, task_id: str) -> None:
+        self._task_ids[correlation_id] = task_id
+        self._task_ids.move_to_end(correlation_id)
+        while len(self._task_ids) > self.settings.remembered_tasks:
+            self._task_ids.popitem(last=False)
+
+    async def _post(
+        self, agent: AgentEntry, body: JsonObject, headers: Mapping[str, str], timeout_s: float
+    ) -> Outcome | _Transient:
+        """POST one JSON-RPC body; the outcome, or a transient problem worth a retry."""
+        data = json.dumps(body).encode()
+        request_id = body.get("id")
+        try:
+            async with self.session.post(
+                agent.url,
+                data=data,
+                headers=dict(headers),
+                timeout=aiohttp.ClientTimeout(total=max(timeout_s, 0.001)),
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                if 200 <= status <= 299:
+                    payload = await _read_limited(response, self.settings.max_response_bytes)
+                    if payload is None:
+                        limit = self.settings.max_response_bytes
+                        return Failed(ErrorKind.MALFORMED_RESPONSE.value, f"the answer is larger than {limit} bytes")
+                    rid = request_id if isinstance(request_id, str | int) else None
+                    return parse_response(payload, agent.protocol_version, request_id=rid)
+                reason = f"HTTP {status} {response.reason or ''}".strip()
+                if status in _RETRIED_STATUSES or 500 <= status <= 599:
+                    wait = parse_retry_after(response.headers.get("Retry-After"), utcnow())
+                    return _Transient(ErrorKind.HTTP_STATUS.value, reason, wait)
+                return Failed(ErrorKind.HTTP_STATUS.value, reason, retriable=False)
+        except TimeoutError:
+            return _Transient(ErrorKind.TIMEOUT.value, f"no answer within {timeout_s:.2f}s")
+        except aiohttp.InvalidURL:
+            return Failed(CONFIGURATION_ERROR, f"invalid agent URL {_safe_url(agent.url)}", retriable=False)
+        except (aiohttp.ClientError, OSError) as error:
+            return _Transient(ErrorKind.CONNECTION.value, f"{type(error).__name__}: {_clip(str(error))}")
+
+    async def call(self, task: AgentTask, agent: AgentEntry) -> AgentResult:
+        """Carry out one attempt of a step: send the message, poll if needed, report.
+
+        Args:
+            task: The attempt (its deadline bounds everything).
+            agent: The registry entry of ``task.agent_name``.
+
+        Returns:
+            SUCCESS with the agent's output, or FAILURE with the reason; never raises
+            for a problem with the call.
+        """
+        started_at = utcnow()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (task.deadline - started_at).total_seconds()
+        call = _Call(self, task, agent, deadline)
+        outcome: Outcome
+        try:
+            if call.remaining() <= 0:
+                outcome = call.timeout_failure("waiting to start")
+            else:
+                headers = request_headers(agent.protocol_version)
+                try:
+                    if agent.auth is not None:
+                        headers.update(agent.auth.headers())
+                except SecretReferenceError as error:
+                    outcome = Failed(CONFIGURATION_ERROR, str(error), retriable=False)
+                else:
+                    # A safety net only: every request and pause inside is already cut at the deadline.
+                    async with asyncio.timeout(call.remaining() + _DEADLINE_GRACE_S):
+                        outcome = await call.run(headers)
+        except TimeoutError:
+            outcome = call.timeout_failure("waiting for the agent")
+        except Exception as error:  # the contract: a bug in here must still give a result
+            logger.exception("calling %s for %s failed unexpectedly", agent.name, task.correlation_id)
+            outcome = Failed(INTERNAL_ERROR, _clip(f"{type(error).__name__} in the bridge"), retriable=True)
+        finally:
+            self._task_ids.pop(task.correlation_id, None)
+        return self._result(task, agent, outcome, started_at)
+
+    def _result(self, task: AgentTask, agent: AgentEntry, outcome: Outcome, started_at: datetime) -> AgentResult:
+        output: JsonValue = None
+        error: AgentError | None = None
+        if isinstance(outcome, Completed):
+            output = outcome.output
+        elif isinstance(outcome, Interrupted):
+            error = AgentError(kind=outcome.kind, message=_clip(outcome.message), retriable=False)
+        elif isinstance(outcome, Failed):
+            error = AgentError(kind=outcome.kind, message=_clip(outcome.message), retriable=outcome.retriable)
+        else:  # Pending never leaves _Call.run
+            error = AgentError(kind=INTERNAL_ERROR, message="the call ended with a pending task", retriable=True)
+        status = ResultStatus.SUCCESS if error is None else ResultStatus.FAILURE
+        log = logger.info if error is None else logger.warning
+        log(
+            "%s for %s from %s (%s): %s",
+            status.value,
+            task.correlation_id,
+            agent.name,
+            _safe_url(agent.url),
+            "ok" if error is None else f"{error.kind}: {error.message}",
+        )
+        return AgentResult(
+            correlation_id=task.correlation_id,
+            run_id=task.run_id,
+            step_id=task.step_id,
+            attempt=task.attempt,
+            status=status,
+            output=output,
+            error=error,
+            started_at=started_at,
+            finished_at=max(utcnow(), started_at),
+        )
+
+    async def cancel(self, task_id_or_correlation: str, agent: AgentEntry) -> bool:
+        """Ask an agent to cancel a task, best-effort: one request, no retries, never raises.
+
+        Args:
+            task_id_or_correlation: The correlation id of a call whose task is being polled
+                (the caller knows the agent's task id), or the agent's task id itself.
+            agent: The agent's registry entry.
+
+        Returns:
+            True if the agent answered with the task canceled.
+        """
+        if not agent.supports_cancel:
+            return False
+        task_id = self._task_ids.get(task_id_or_correlation, task_id_or_correlation)
+        headers = request_headers(agent.protocol_version)
+        try:
+            if agent.auth is not None:
+                headers.update(agent.auth.headers())
+            body = cancel_task_request(task_id, agent.protocol_version, request_id=f"cancel:{task_id}")
+            answer = await self._post(agent, body, headers, self.settings.cancel_timeout_s)
+        except SecretReferenceError as error:
+            logger.warning("cannot cancel task %s at %s: %s", task_id, agent.name, error)
+            return False
+        except Exception:  # best-effort by contract
+            logger.exception("cancelling task %s at %s failed unexpectedly", task_id, agent.name)
+            return False
+        cancelled = isinstance(answer, Failed) and answer.state is TaskState.CANCELED
+        if not cancelled:
+            detail = answer.message if isinstance(answer, Failed | _Transient) else type(answer).__name__
+            logger.info("task %s at %s was not cancelled: %s", task_id, agent.name, detail)
+        return cancelled
+
+
+async def fetch_card(session: aiohttp.ClientSession, base_url: str, *, timeout_s: float = 10.0) -> CardInfo:
+    """Fetch and read an agent's card from ``{base_url}/.well-known/agent-card.json``.
+
+    Args:
+        session: The HTTP session to use.
+        base_url: The agent's base URL (http or https); a URL that already ends
+            with the well-known path is used as it is.
+        timeout_s: Upper bound of the whole request.
+
+    Returns:
+        The card's endpoint, protocol version, name and description.
+
+    Raises:
+        AgentCardError: The URL is not http(s), the agent is unreachable, answers
+            another status than 200, or serves an invalid card (one-line reason).
+    """
+    if not is_http_url(base_url):
+        raise AgentCardError(f"{_safe_url(base_url)!r} is not an http(s) URL")
+    card_url = base_url if base_url.rstrip("/").endswith(AGENT_CARD_PATH) else base_url.rstrip("/") + AGENT_CARD_PATH
+    shown = _safe_url(card_url)
+    try:
+        async with session.get(
+            card_url, headers={"Accept": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            if response.status != 200:
+                raise AgentCardError(f"{shown} answered HTTP {response.status}")
+            body = await _read_limited(response, _CARD_MAX_BYTES)
+    except TimeoutError:
+        raise AgentCardError(f"{shown} did not answer within {timeout_s:g}s") from None
+    except (aiohttp.ClientError, OSError) as error:
+        raise AgentCardError(f"cannot reach {shown}: {type(error).__name__}: {error}") from None
+    if body is None:
+        raise AgentCardError(f"the agent card at {shown} is larger than {_CARD_MAX_BYTES} bytes")
+    return parse_agent_card(body, str(response.url))

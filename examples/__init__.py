@@ -1,0 +1,1 @@
+"""Examples: A2A agents, workflow plans and a registry to run them together."""

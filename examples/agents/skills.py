@@ -1,0 +1,93 @@
+"""What the example agents do: deterministic text work, no I/O, no model.
+
+Each skill takes the step input (a JSON object) and returns the output (a JSON
+object), or raises :class:`SkillInputError` for an input it cannot use; the
+agent then reports the task FAILED with that message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Skill", "SkillInputError", "research", "review", "summarize"]
+
+Skill = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+class SkillInputError(ValueError):
+    """The input is not what the skill needs; the message says what is wrong."""
+
+
+def _text(data: Mapping[str, Any], key: str, agent: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise SkillInputError(f"the {agent} needs a non-empty string {key!r}")
+    return value.strip()
+
+
+def _whole(data: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """An integer field; A2A 1.0 carries numbers as doubles, so 3.0 counts as 3."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SkillInputError(f"{key!r} must be a whole number from {low} to {high}")
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "topic"
+
+
+_FINDINGS = (
+    "{Topic} has been studied from several angles.",
+    "Early work on {topic} focused on definitions and scope.",
+    "Recent work on {topic} measures costs and benefits in practice.",
+    "Open questions about {topic} concern scale and reliability.",
+    "Practitioners of {topic} recommend small, repeatable experiments.",
+    "Surveys of {topic} agree that careful measurement matters most.",
+)
+
+
+def research(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Notes and sources on ``topic``; ``depth`` (1-4, default 2) adds sentences and sources."""
+    topic = _text(data, "topic", "researcher")
+    depth = _whole(data, "depth", 2, 1, 4)
+    notes = " ".join(line.format(topic=topic, Topic=topic[:1].upper() + topic[1:]) for line in _FINDINGS[: depth + 2])
+    sources = [f"https://example.org/{_slug(topic)}/source-{n}" for n in range(1, depth + 2)]
+    return {"topic": topic, "notes": notes, "sources": sources}
+
+
+def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The first ``max_words`` (default 25) words of ``text``, after ``title`` if given, and the word count."""
+    text = _text(data, "text", "summarizer")
+    max_words = _whole(data, "max_words", 25, 1, 1000)
+    title = data.get("title")
+    words = text.split()
+    summary = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+    if isinstance(title, str) and title.strip():
+        summary = f"{title.strip()}: {summary}"
+    return {"summary": summary, "words": len(words)}
+
+
+def review(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Approve a ``summary`` of three words or more backed by at least one http(s) source in ``sources``."""
+    summary = _text(data, "summary", "reviewer")
+    sources = data.get("sources")
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise SkillInputError("the reviewer needs 'sources', a list of strings")
+    problems = []
+    if len(summary.split()) < 3:
+        problems.append("the summary is too short")
+    if not sources:
+        problems.append("no sources are given")
+    not_web = [s for s in sources if not s.startswith(("http://", "https://"))]
+    if not_web:
+        problems.append(f"{len(not_web)} source(s) are not http(s) URLs")
+    if problems:
+        return {"approved": False, "comments": "; ".join(problems).capitalize() + "."}
+    return {"approved": True, "comments": f"Approved: {len(summary.split())} words backed by {len(sources)} source(s)."}

@@ -1,0 +1,233 @@
+"""The executor Faust app: ``faust -A streams.app --datadir DIR worker``.
+
+:func:`create_app` builds an app from :class:`~switchyard.settings.Settings`;
+the module-level ``app`` is what the ``faust`` command loads. Importing this
+module connects to nothing: the database and the broker are reached when a
+worker starts (waiting, bounded, for each).
+
+Agents (one per input topic, each with ``concurrency=1``, the only writers of
+the ``runs`` table) decode their input, turn it into an event of the pure
+state machine and hand it to :class:`~streams.shell.RunShell`. Anything that
+cannot be processed goes to the dead-letter topic with the reason; the worker
+goes on (DESIGN.md rule 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+from faust.types import EventT, StreamT
+from mode import Service
+
+from models.messages import (
+    AgentResult,
+    ControlCommand,
+    ControlMessage,
+    MessageDecodeError,
+    WorkflowSubmission,
+    decode,
+    utcnow,
+)
+from models.run import (
+    AgentResultReceived,
+    CancelRequested,
+    Event,
+    ExecutionDefaults,
+    RetryRequested,
+    RunSubmitted,
+    StepTimedOut,
+)
+from streams.checkpointer import Checkpointer
+from streams.shell import RunShell
+from streams.timers import Timers
+from switchyard import topics
+from switchyard.database import Database
+from switchyard.faust_app import SwitchyardApp, app_settings
+from switchyard.settings import Settings
+
+__all__ = ["ExecutorApp", "app", "create_app"]
+
+log = logging.getLogger(__name__)
+
+APP_ID = "switchyard-executor"
+
+
+class ExecutorApp(SwitchyardApp):
+    """The executor, with its parts reachable for views, commands and tests."""
+
+    settings: Settings
+    database: Database
+    checkpointer: Checkpointer
+    timers: Timers
+    shell: RunShell
+    runs: Any
+    plans_topic: Any
+    results_topic: Any
+    control_topic: Any
+    tasks_topic: Any
+    monitoring_topic: Any
+    deadletter_topic: Any
+
+    async def on_first_start(self) -> None:
+        """Wait for the broker and the database before anything uses them."""
+        await self.wait_for_services(self.settings, self.database)
+        await super().on_first_start()
+
+
+S = TypeVar("S", bound=Service)
+
+
+def _attach(app: ExecutorApp, service: S) -> S:
+    """Run ``service`` with the app (Faust accepts instances; its annotation says classes)."""
+    app.service(cast(Any, service))
+    return service
+
+
+def _event_from_control(message: ControlMessage) -> Event:
+    at = utcnow()
+    if message.command is ControlCommand.CANCEL:
+        return CancelRequested(run_id=message.run_id, at=at, reason=message.reason or "cancelled by request")
+    if message.command is ControlCommand.RETRY:
+        return RetryRequested(run_id=message.run_id, at=at)
+    assert message.step_id is not None  # checked by ControlMessage
+    assert message.attempt is not None
+    return StepTimedOut(run_id=message.run_id, step_id=message.step_id, attempt=message.attempt, at=at)
+
+
+def create_app(settings: Settings | None = None) -> ExecutorApp:
+    """Build the executor app.
+
+    Args:
+        settings: Defaults to settings from the environment.
+
+    Returns:
+        The app, with its topics, table, agents, services, views and commands.
+    """
+    settings = settings or Settings()
+    app = ExecutorApp(
+        APP_ID,
+        embedded_broker=settings.embedded_broker,
+        **app_settings(settings, web_port=settings.executor_web_port),
+    )
+    app.settings = settings
+    partitions = settings.topic_partitions
+    app.plans_topic = app.topic(topics.PLANS, partitions=partitions)
+    app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
+    app.control_topic = app.topic(topics.CONTROL, partitions=partitions)
+    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
+    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
+    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
+    app.runs = app.Table(topics.RUNS_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=partitions)
+
+    app.database = _attach(app, Database(settings))
+    app.checkpointer = _attach(
+        app,
+        Checkpointer(
+            app.database,
+            interval_s=settings.checkpoint_interval_s,
+            batch_size=settings.checkpoint_batch_size,
+        ),
+    )
+    app.timers = _attach(app, Timers())
+    app.shell = RunShell(
+        runs=app.runs,
+        tasks=app.tasks_topic,
+        control=app.control_topic,
+        monitoring=app.monitoring_topic,
+        deadletter=app.deadletter_topic,
+        checkpoints=app.checkpointer,
+        timers=app.timers,
+        app_name=APP_ID,
+    )
+    defaults = ExecutionDefaults(timeout_s=settings.default_step_timeout_s)
+    limit = settings.max_message_bytes
+
+    async def guarded(source: str, event: EventT[Any], handler: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        key = event.key if isinstance(event.key, bytes) else None
+        value = event.value if isinstance(event.value, bytes) else b""
+        try:
+            if key is None:
+                # Without a key the event may sit on the wrong partition, and
+                # its run's state on another worker (rule 1).
+                await _rekey(app, source, value)
+                return
+            await handler(key, value)
+        except MessageDecodeError as error:
+            await app.shell.park(source, key, value, str(error))
+        except Exception as error:
+            log.exception("could not process a message from %s", source)
+            await app.shell.park(source, key, value, f"internal error: {type(error).__name__}: {error}")
+
+    async def on_plan(key: bytes, value: bytes) -> None:
+        submission = decode(WorkflowSubmission, value, max_bytes=limit)
+        if key != submission.run_id.encode():
+            await app.plans_topic.send(key=submission.run_id.encode(), value=value)
+            return
+        await app.shell.handle(
+            RunSubmitted(
+                run_id=submission.run_id,
+                plan=submission.plan,
+                input=submission.input,
+                at=utcnow(),
+                defaults=defaults,
+            )
+        )
+
+    async def on_result(key: bytes, value: bytes) -> None:
+        result = decode(AgentResult, value, max_bytes=limit)
+        if key != result.run_id.encode():
+            await app.results_topic.send(key=result.run_id.encode(), value=value)
+            return
+        await app.shell.handle(AgentResultReceived(result=result, at=utcnow()))
+
+    async def on_control(key: bytes, value: bytes) -> None:
+        message = decode(ControlMessage, value, max_bytes=limit)
+        if key != message.run_id.encode():
+            await app.control_topic.send(key=message.run_id.encode(), value=value)
+            return
+        await app.shell.handle(_event_from_control(message))
+
+    def consume(topic: Any, name: str, handler: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+        async def agent(stream: StreamT[Any]) -> None:
+            async for event in stream.events():
+                await guarded(topic.get_topic_name(), event, handler)
+
+        agent.__name__ = agent.__qualname__ = name
+        app.agent(topic, name=name, concurrency=1)(agent)
+
+    consume(app.plans_topic, "plans", on_plan)
+    consume(app.results_topic, "results", on_result)
+    consume(app.control_topic, "control", on_control)
+
+    async def resume_runs() -> None:
+        # Tasks start after the tables have recovered: set the timers and
+        # re-dispatch what the runs of this worker's partitions need.
+        resumed = await app.shell.resume_all(utcnow())
+        if resumed:
+            log.info("resumed %d running run(s) after start", resumed)
+
+    app.task(resume_runs)
+
+    from streams import cli, web
+
+    web.register(app)
+    cli.register(app)
+    return app
+
+
+async def _rekey(app: ExecutorApp, source: str, value: bytes) -> None:
+    """Send a key-less event again, keyed by its run_id, or park it."""
+    limit = app.settings.max_message_bytes
+    message: WorkflowSubmission | AgentResult | ControlMessage
+    if source == topics.PLANS:
+        target, message = app.plans_topic, decode(WorkflowSubmission, value, max_bytes=limit)
+    elif source == topics.RESULTS:
+        target, message = app.results_topic, decode(AgentResult, value, max_bytes=limit)
+    else:
+        target, message = app.control_topic, decode(ControlMessage, value, max_bytes=limit)
+    await target.send(key=message.run_id.encode(), value=value)
+
+
+app = create_app()
