@@ -53,21 +53,18 @@ class CallMemory:
         if running is not None:
             self.joined += 1
             return await asyncio.shield(running)
-        future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
-        self._in_flight[correlation_id] = future
-        try:
-            result = await call()
-        except BaseException as error:
-            # Not remembered: a later repeat tries again.
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # retrieved, so an unjoined failure is not logged as lost
-            raise
-        else:
-            future.set_result(result)
-            self._finished[correlation_id] = result
-            while len(self._finished) > self.capacity:
-                self._finished.popitem(last=False)
-            return result
-        finally:
-            del self._in_flight[correlation_id]
+        # The call runs as its own task: cancelling the caller that started it
+        # (Faust restarts actors on a rebalance) does not cancel it for the
+        # others waiting on it, nor lose its result.
+        task = asyncio.ensure_future(call())
+        self._in_flight[correlation_id] = task
+        task.add_done_callback(lambda done: self._finish(correlation_id, done))
+        return await asyncio.shield(task)
+
+    def _finish(self, correlation_id: str, task: asyncio.Future[AgentResult]) -> None:
+        self._in_flight.pop(correlation_id, None)
+        if task.cancelled() or task.exception() is not None:
+            return  # not remembered: a later repeat tries again
+        self._finished[correlation_id] = task.result()
+        while len(self._finished) > self.capacity:
+            self._finished.popitem(last=False)

@@ -11,6 +11,7 @@ import os
 import re
 from enum import StrEnum
 from typing import Annotated, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, field_validator
 
@@ -154,8 +155,12 @@ class AgentEntry(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_only(cls, url: str) -> str:
-        # Agent URLs come from operators: refuse file:, ftp:, javascript: and the like.
-        if not re.match(r"^https?://[^\s/?#]+", url):
+        # Agent URLs come from operators: refuse file:, ftp:, javascript: and the
+        # like, and anything with spaces or control characters (header injection).
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+            raise ValueError("an agent URL cannot contain spaces or control characters")
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
             raise ValueError("an agent URL must be http:// or https:// with a host")
         return url
 

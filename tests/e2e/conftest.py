@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +69,9 @@ AGENTS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 @pytest.fixture(scope="session")
-def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def e2e(server_dirs: Callable[[str], Path]) -> Iterator[RunningStack]:
     root = Path(__file__).resolve().parents[2]
-    data = tmp_path_factory.mktemp("stack")
+    data = server_dirs("stack")
     settings = Settings(
         broker_port=free_port(),
         executor_web_port=free_port(),

@@ -336,3 +336,18 @@ def test_registry_over_http(e2e: RunningStack) -> None:
     with urllib.request.urlopen(delete, timeout=5) as response:
         assert response.status == 200
     assert http_json("GET", url)[0] == 404
+
+
+def test_every_server_listens_on_loopback_only(e2e: RunningStack) -> None:
+    import psutil
+
+    pids = {name: p.pid for name, p in e2e.stack.processes.items()}
+    assert e2e.stack.broker is not None
+    pids["broker"] = e2e.stack.broker.process.pid
+    for name, pid in pids.items():
+        listening = [
+            c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening, f"{name} listens nowhere?"
+        for address in listening:
+            assert address.ip in {"127.0.0.1", "::1"}, f"{name} (pid {pid}) listens on {address.ip}:{address.port}"

