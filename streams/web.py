@@ -29,6 +29,7 @@ from models.agents import AgentEntry
 from models.messages import RUN_ID_PATTERN, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
 from models.run import RunState, RunStatus
+from switchyard import topics
 from switchyard.db import RunRecord, WorkflowRepository
 from switchyard.registry import RegistryStore
 
@@ -198,6 +199,9 @@ def register(app: ExecutorApp) -> None:
                     "checkpoints_written": checkpointer.written,
                     "checkpoint_error": checkpointer.last_error,
                     "assigned_partitions": len(app.assignor.assigned_actives()),
+                    "run_partitions": sorted(
+                        tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.PLANS
+                    ),
                 }
             )
 

@@ -70,11 +70,12 @@ def test_two_executors_split_the_runs_and_route_reads(server_dir: Path) -> None:
         # Both workers own partitions once the group has settled.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            owned = [http_json("GET", url + "/health/")[1]["assigned_partitions"] for url in urls]
-            if all(owned) and sum(owned) == 4:
+            owned = [http_json("GET", url + "/health/")[1]["run_partitions"] for url in urls]
+            if all(owned) and sorted(owned[0] + owned[1]) == [0, 1, 2, 3]:
                 break
             time.sleep(0.5)
-        assert all(owned), f"partitions per worker: {owned}"
+        assert all(owned), f"run partitions per worker: {owned}"
+        assert sorted(owned[0] + owned[1]) == [0, 1, 2, 3]
 
         plan = load_plan(PLAN)
         run_ids = [new_run_id() for _ in range(12)]
