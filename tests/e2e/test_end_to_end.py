@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -277,6 +278,15 @@ def test_cli_agents_submit_status(e2e: RunningStack) -> None:
     listed = cli(e2e, "agents", "list")
     assert "reviewer-by-card" in listed.stdout
 
+    legacy = cli(e2e, "agents", "add", e2e.agent_url("legacy"), "--name", "legacy-by-card")
+    assert legacy.returncode == 0, legacy.stderr
+    assert "(A2A 0.3)" in legacy.stdout, "the protocol version comes from the card"
+
+    not_a_card = cli(e2e, "agents", "add", e2e.stack.bridge_url("/"))
+    assert not_a_card.returncode != 0
+    assert not_a_card.stderr.startswith("error:")
+    assert not_a_card.stderr.strip().count("\n") == 0, "one line"
+
     unreachable = cli(e2e, "agents", "add", "http://127.0.0.1:9/")
     assert unreachable.returncode != 0
     assert unreachable.stderr.strip().count("\n") == 0, "one line"
@@ -351,3 +361,14 @@ def test_every_server_listens_on_loopback_only(e2e: RunningStack) -> None:
         assert listening, f"{name} listens nowhere?"
         for address in listening:
             assert address.ip in {"127.0.0.1", "::1"}, f"{name} (pid {pid}) listens on {address.ip}:{address.port}"
+
+
+def test_the_bridge_calls_agents_concurrently(e2e: RunningStack) -> None:
+    # Eight runs on an agent that takes 3 s each: their calls overlap in time,
+    # which they could not with one call at a time per partition.
+    run_ids = [submit(e2e, one_step("slow", timeout_s=20), {"text": f"run {i}"}) for i in range(8)]
+    records = [wait_done(e2e, run_id, timeout=90) for run_id in run_ids]
+    assert all(r.status == "COMPLETED" for r in records), [r.error for r in records]
+    spans = sorted((r.steps[0].started_at, r.steps[0].completed_at) for r in records)
+    overlapping = sum(1 for (_, end), (start, _) in itertools.pairwise(spans) if start and end and start < end)
+    assert overlapping >= 4, spans
