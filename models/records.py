@@ -45,6 +45,9 @@ class WorkflowRun(Base):
     output: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
     error: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
     plan: Mapped[Any] = mapped_column(JSONB)
+    state: Mapped[Any | None] = mapped_column(
+        JSONB, nullable=True, doc="The whole RunState of the last snapshot: what a lost run is rebuilt from."
+    )
     version: Mapped[int] = mapped_column(BigInteger, default=0, doc="RunState.version of the last snapshot written.")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]

@@ -26,6 +26,7 @@ from typing import TypeAlias
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
+from models.agents import RecoveryAction, RecoveryPolicy
 from models.mapping import MappingContext, MappingError, resolve_mapping
 from models.messages import (
     AgentError,
@@ -41,6 +42,7 @@ from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, 
 
 __all__ = [
     "Attempt",
+    "AgentPolicy",
     "AgentResultReceived",
     "CancelAgentTask",
     "CancelRequested",
@@ -55,6 +57,7 @@ __all__ = [
     "RunError",
     "RunFinished",
     "RunState",
+    "RunRestored",
     "RunStatus",
     "RunSubmitted",
     "ScheduleTimeout",
@@ -86,7 +89,9 @@ class RunStatus(StrEnum):
 class StepStatus(StrEnum):
     """Where a step, or one attempt of it, is.
 
-    An attempt is PENDING while it waits for its (delayed) dispatch time.
+    An attempt is PENDING while it waits for its (delayed) dispatch time. A
+    step is SKIPPED when its attempts ran out and the agent's recovery policy
+    says to go on with a default output.
     """
 
     PENDING = "PENDING"
@@ -94,20 +99,49 @@ class StepStatus(StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    SKIPPED = "SKIPPED"
 
     @property
     def finished(self) -> bool:
         """Whether nothing more will happen to it."""
-        return self in {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED}
+        return self in {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+
+    @property
+    def has_output(self) -> bool:
+        """Whether later steps can read its output (a skipped step has its default output)."""
+        return self in {StepStatus.COMPLETED, StepStatus.SKIPPED}
+
+
+class AgentPolicy(BaseModel):
+    """What the registry says about one agent, copied into the run when it starts."""
+
+    model_config = _FROZEN
+
+    timeout_s: float | None = Field(None, gt=0, le=86_400)
+    retry: RetryPolicy | None = None
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
 
 class ExecutionDefaults(BaseModel):
-    """What a step uses when the plan does not say: from the registry or settings."""
+    """What a step uses when the plan does not say.
+
+    The order is: the plan's step, then the agent's registry entry
+    (``agents``), then these global defaults. The registry is read once, when
+    the run starts, so a run behaves the same after a restart.
+    """
 
     model_config = _FROZEN
 
     timeout_s: float = Field(300.0, gt=0, le=86_400)
     retry: RetryPolicy = DEFAULT_RETRY
+    agents: dict[str, AgentPolicy] = Field(default_factory=dict)
+
+    def agent(self, name: str) -> AgentPolicy:
+        """The registry's policy for an agent (empty when it says nothing)."""
+        return self.agents.get(name) or _NO_POLICY
+
+
+_NO_POLICY = AgentPolicy()
 
 
 class RunError(BaseModel):
@@ -151,6 +185,9 @@ class StepState(BaseModel):
     status: StepStatus
     attempts: tuple[Attempt, ...] = ()
     first_attempt_of_round: int = Field(1, description="A retry request opens a new round with a fresh budget.")
+    fallback_agent: str | None = Field(
+        None, description="Set when the recovery policy moved the step to another agent."
+    )
     next_attempt_at: AwareDatetime | None = None
     output: JsonValue = None
     error: AgentError | None = None
@@ -238,7 +275,21 @@ class RetryRequested(BaseModel):
     at: AwareDatetime
 
 
-Event: TypeAlias = RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested
+class RunRestored(BaseModel):
+    """The run's last checkpoint, to rebuild it when the table lost it (broker or disk gone)."""
+
+    model_config = _FROZEN
+
+    state: RunState
+    at: AwareDatetime
+
+    @property
+    def run_id(self) -> str:
+        """The run being restored."""
+        return self.state.run_id
+
+
+Event: TypeAlias = RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested | RunRestored
 
 
 def event_run_id(event: Event) -> str:
@@ -340,6 +391,14 @@ def transition(state: RunState | None, event: Event) -> Outcome:
     """
     if isinstance(event, RunSubmitted):
         new, effects = _on_submitted(state, event)
+    elif isinstance(event, RunRestored):
+        if state is not None:
+            return state, []  # the table has it: the table is newer than any checkpoint
+        restored = event.state
+        return restored, [
+            _monitor(restored, event.at, "RESTORED", detail={"version": restored.version}),
+            *resume(restored, event.at),
+        ]
     elif state is None:
         return None, [DeadLetter(run_id=event_run_id(event), reason=f"no run {event_run_id(event)!r} is known")]
     elif isinstance(event, AgentResultReceived):
@@ -528,6 +587,7 @@ def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
             "error": None,
             "completed_at": None,
             "first_attempt_of_round": next_number,
+            "fallback_agent": None,
         }
     )
     reopened = _put_step(reopened, step, event.at)
@@ -539,9 +599,15 @@ def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
 # -------------------------------------------------------------------- helpers
 
 
-def _policy(state: RunState, step: WorkflowStep) -> tuple[float, RetryPolicy]:
-    timeout_s = step.timeout_s if step.timeout_s is not None else state.defaults.timeout_s
-    return timeout_s, step.retry if step.retry is not None else state.defaults.retry
+def _policy(state: RunState, step: WorkflowStep, agent_name: str) -> tuple[float, RetryPolicy]:
+    agent = state.defaults.agent(agent_name)
+    timeout_s = next(t for t in (step.timeout_s, agent.timeout_s, state.defaults.timeout_s) if t is not None)
+    retry = next(r for r in (step.retry, agent.retry, state.defaults.retry) if r is not None)
+    return timeout_s, retry
+
+
+def _agent_of(step: StepState) -> str:
+    return step.fallback_agent or step.agent_name
 
 
 def _put_step(state: RunState, step: StepState, at: datetime) -> RunState:
@@ -591,7 +657,7 @@ def _start_step(state: RunState, step_id: str, at: datetime) -> _Changed:
 def _new_attempt(state: RunState, step: StepState, at: datetime, dispatch_at: datetime) -> _Changed:
     """Add the next attempt to ``step``, or fail it if its input cannot be mapped."""
     plan_step = state.plan.steps[step.step_id]
-    outputs = {s.step_id: s.output for s in state.steps.values() if s.status is StepStatus.COMPLETED}
+    outputs = {s.step_id: s.output for s in state.steps.values() if s.status.has_output}
     try:
         task_input = resolve_mapping(
             plan_step.input_mapping, MappingContext(workflow_input=state.input, step_outputs=outputs)
@@ -612,13 +678,14 @@ def _new_attempt(state: RunState, step: StepState, at: datetime, dispatch_at: da
         ]
         state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
         return state, effects + finish
-    timeout_s, _ = _policy(state, plan_step)
+    agent_name = _agent_of(step)
+    timeout_s, _ = _policy(state, plan_step, agent_name)
     number = len(step.attempts) + 1
     delayed = dispatch_at > at
     attempt = Attempt(
         number=number,
         correlation_id=correlation_id(state.run_id, step.step_id, number),
-        agent_name=plan_step.agent_name,
+        agent_name=agent_name,
         status=StepStatus.PENDING if delayed else StepStatus.RUNNING,
         input=task_input,
         dispatch_at=dispatch_at,
@@ -641,7 +708,7 @@ def _new_attempt(state: RunState, step: StepState, at: datetime, dispatch_at: da
             "SCHEDULED" if delayed else StepStatus.RUNNING,
             step_id=step.step_id,
             attempt=number,
-            detail={"agent": plan_step.agent_name, "dispatch_at": dispatch_at.isoformat()},
+            detail={"agent": agent_name, "dispatch_at": dispatch_at.isoformat()},
         ),
     ]
     return state, effects
@@ -671,7 +738,7 @@ def _succeed(state: RunState, step: StepState, attempt: Attempt, output: JsonVal
 
 def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: AgentError, at: datetime) -> _Changed:
     plan_step = state.plan.steps[step.step_id]
-    _, policy = _policy(state, plan_step)
+    _, policy = _policy(state, plan_step, _agent_of(step))
     failed = attempt.model_copy(update={"status": StepStatus.FAILED, "finished_at": at, "error": error})
     step = step.model_copy(update={"attempts": (*step.attempts[:-1], failed), "error": error})
     used = attempt.number - step.first_attempt_of_round + 1
@@ -691,9 +758,14 @@ def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: Age
         ]
         state, retry_effects = _new_attempt(state, step, at, at + timedelta(seconds=delay))
         return state, effects + retry_effects
+    why = "not retriable" if not retriable else f"{used} attempt(s) used of {policy.max_attempts}"
+    recovery = state.defaults.agent(step.agent_name).recovery
+    if recovery.action is RecoveryAction.FALLBACK and recovery.fallback_agent and step.fallback_agent is None:
+        return _fall_back(state, step, attempt, error, recovery.fallback_agent, why, at)
+    if recovery.action is RecoveryAction.SKIP:
+        return _skip(state, step, attempt, error, recovery.default_output, why, at)
     step = step.model_copy(update={"status": StepStatus.FAILED, "completed_at": at, "next_attempt_at": None})
     state = _put_step(state, step, at)
-    why = "not retriable" if not retriable else f"{used} attempt(s) used of {policy.max_attempts}"
     run_error = RunError(
         kind=error.kind,
         message=f"step {step.step_id!r} failed ({why}): {error.message}",
@@ -712,6 +784,60 @@ def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: Age
     ]
     state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
     return state, effects + finish
+
+
+def _fall_back(
+    state: RunState, step: StepState, attempt: Attempt, error: AgentError, fallback: str, why: str, at: datetime
+) -> _Changed:
+    """The recovery policy moves the step to another agent, with a fresh round of attempts."""
+    step = step.model_copy(
+        update={"fallback_agent": fallback, "first_attempt_of_round": len(step.attempts) + 1, "error": error}
+    )
+    state = _put_step(state, step, at)
+    effects: list[Effect] = [
+        _monitor(
+            state,
+            at,
+            StepStatus.FAILED,
+            step_id=step.step_id,
+            attempt=attempt.number,
+            detail={"error": error.message, "kind": error.kind, "why": why, "fallback_agent": fallback},
+        )
+    ]
+    state, attempt_effects = _new_attempt(state, step, at, at)
+    return state, effects + attempt_effects
+
+
+def _skip(
+    state: RunState, step: StepState, attempt: Attempt, error: AgentError, output: JsonValue, why: str, at: datetime
+) -> _Changed:
+    """The recovery policy gives up on the step but not on the run: it goes on with a default output."""
+    step = step.model_copy(
+        update={
+            "status": StepStatus.SKIPPED,
+            "output": output,
+            "error": error,
+            "next_attempt_at": None,
+            "completed_at": at,
+        }
+    )
+    state = _put_step(state, step, at)
+    effects: list[Effect] = [
+        _monitor(
+            state,
+            at,
+            StepStatus.SKIPPED,
+            step_id=step.step_id,
+            attempt=attempt.number,
+            detail={"error": error.message, "kind": error.kind, "why": why},
+        )
+    ]
+    next_step = state.plan.steps[step.step_id].next_step
+    if next_step is None:
+        state, finish = _finish(state, RunStatus.COMPLETED, at, output=output)
+        return state, effects + finish
+    state, step_effects = _start_step(state, next_step, at)
+    return state, effects + step_effects
 
 
 def _finish(

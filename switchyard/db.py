@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
@@ -66,6 +66,8 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
     )
 
 
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("workflow_runs", "state", "JSONB"),)
+
 # Any constant shared by every Switchyard process; serializes schema creation.
 _SCHEMA_LOCK_KEY = 0x5377_6974_6368  # "Switch"
 
@@ -80,6 +82,11 @@ def create_schema(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         Base.metadata.create_all(conn)
+        # Columns added after a table first shipped; additive only, so no
+        # migration tool is needed yet (Alembic comes with the first change that
+        # is not a plain addition).
+        for table, column, ddl in _ADDED_COLUMNS:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"))
 
 
 class StepRecord(BaseModel):
@@ -114,6 +121,7 @@ class RunRecord(BaseModel):
     output: JsonValue = None
     error: JsonValue = None
     plan: JsonValue = None
+    state: JsonValue = Field(None, exclude=True, repr=False)
     version: int
     created_at: datetime
     started_at: datetime | None = None
@@ -228,6 +236,61 @@ class WorkflowRepository(_Repository):
         with self._begin() as session:
             return [_to_record(run, with_steps=False) for run in session.scalars(query)]
 
+    def get_state(self, run_id: str) -> RunState | None:
+        """The run's last snapshot as a state, or None (unknown run, or recorded without one)."""
+        with self._begin() as session:
+            raw = session.scalar(select(WorkflowRun.state).where(WorkflowRun.run_id == run_id))
+        return None if raw is None else RunState.model_validate(raw)
+
+    def exists(self, run_id: str) -> str | None:
+        """The recorded status of a run, or None when there is no such run."""
+        with self._begin() as session:
+            return session.scalar(select(WorkflowRun.status).where(WorkflowRun.run_id == run_id))
+
+    def running_states(self, *, after: str = "", limit: int = 1000) -> list[RunState]:
+        """RUNNING runs' last snapshots, by run_id, a page at a time (``after`` the last id seen)."""
+        query = (
+            select(WorkflowRun.state)
+            .where(
+                WorkflowRun.status == str(RunStatus.RUNNING),
+                WorkflowRun.run_id > after,
+                WorkflowRun.state.is_not(None),
+            )
+            .order_by(WorkflowRun.run_id)
+            .limit(limit)
+        )
+        with self._begin() as session:
+            return [RunState.model_validate(raw) for raw in session.scalars(query)]
+
+    def record_rejected(
+        self, run_id: str, *, kind: str, message: str, details: Any = None, plan: Any = None, at: datetime | None = None
+    ) -> bool:
+        """Record a submission that could not start as a FAILED run, so a user can see why.
+
+        Returns:
+            False when the run_id is already recorded (then nothing changes).
+        """
+        now = at or utcnow()
+        plan_data = plan if isinstance(plan, dict) else {}
+        values = {
+            "run_id": run_id,
+            "workflow_id": str(plan_data.get("workflow_id", ""))[:200],
+            "workflow_version": str(plan_data.get("version", ""))[:50],
+            "status": str(RunStatus.FAILED),
+            "input": {},
+            "plan": plan_data,
+            "error": {"kind": kind, "message": message, "details": details},
+            "version": 0,
+            "created_at": now,
+            "completed_at": now,
+            "updated_at": now,
+        }
+        with self._begin() as session:
+            result = session.execute(
+                insert(WorkflowRun).values(values).on_conflict_do_nothing(index_elements=["run_id"])
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
 
 class StepRepository(_Repository):
     """Attempts of steps: create, update, read by run."""
@@ -324,6 +387,7 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "output": dump["output"],
         "error": dump["error"],
         "plan": dump["plan"],
+        "state": dump,
         "version": state.version,
         "created_at": state.created_at,
         "started_at": state.started_at,
