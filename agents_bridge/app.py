@@ -21,6 +21,7 @@ from mode import Service
 from agents_bridge.calls import AgentCaller, CallSettings
 from agents_bridge.memory import CallMemory
 from models.messages import (
+    AgentCancel,
     AgentError,
     AgentResult,
     AgentTask,
@@ -57,6 +58,7 @@ class Bridge(Service):
         self._registry: Registry | None = None
         self._caller: AgentCaller | None = None
         self.calls = 0
+        self.cancels = 0
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -86,6 +88,24 @@ class Bridge(Service):
     async def execute(self, task: AgentTask) -> AgentResult:
         """Carry out one task once per correlation id. Never raises for a call problem."""
         return await self.memory.run(task.correlation_id, lambda: self._execute(task))
+
+    async def cancel(self, request: AgentCancel) -> bool:
+        """Send the agent a CancelTask for an attempt, where its task id is known (best-effort).
+
+        A2A cancels by the agent's task id, which the bridge learns when a call
+        comes back still working (then it polls); a blocking call in progress
+        has none yet, and its late result is ignored by the executor anyway.
+        """
+        assert self._registry is not None
+        assert self._caller is not None
+        try:
+            agent = await self._registry.get(request.agent_name)
+        except RegistryError:
+            return False
+        if agent is None:
+            return False
+        self.cancels += 1
+        return await self._caller.cancel(request.correlation_id, agent)
 
     async def _execute(self, task: AgentTask) -> AgentResult:
         assert self._registry is not None
@@ -125,6 +145,7 @@ class BridgeApp(SwitchyardApp):
     settings: Settings
     bridge: Bridge
     tasks_topic: Any
+    cancels_topic: Any
     results_topic: Any
     monitoring_topic: Any
     deadletter_topic: Any
@@ -150,6 +171,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
     app.settings = settings
     partitions = settings.topic_partitions
     app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
+    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions)
     app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
     app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
     app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
@@ -192,6 +214,21 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
 
     app.agent(app.tasks_topic, name="call_agents", concurrency=settings.bridge_concurrency)(call_agents)
 
+    async def cancel_tasks(stream: StreamT[Any]) -> None:
+        async for event in stream.events():
+            key = event.key if isinstance(event.key, bytes) else None
+            value = event.value if isinstance(event.value, bytes) else b""
+            try:
+                request = decode(AgentCancel, value, max_bytes=limit)
+                cancelled = await app.bridge.cancel(request)
+                log.info("cancel of %s at %s: %s", request.correlation_id, request.agent_name, cancelled)
+            except Exception as error:
+                reason = str(error) if isinstance(error, MessageDecodeError) else f"internal error: {error!r}"
+                record = DeadLetterRecord.of(topics.TASK_CANCELS, key, value, reason, APP_ID)
+                await app.deadletter_topic.send(key=key or b"", value=encode(record))
+
+    app.agent(app.cancels_topic, name="cancel_tasks", concurrency=4)(cancel_tasks)
+
     @app.page("/health/")
     class Health(web.View):
         async def get(self, request: web.Request) -> web.Response:
@@ -204,6 +241,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
                     "calls_in_flight": bridge.memory.in_flight,
                     "repeats_joined": bridge.memory.joined,
                     "repeats_remembered": bridge.memory.remembered,
+                    "cancels": bridge.cancels,
                     "assigned_partitions": len(app.assignor.assigned_actives()),
                 }
             )

@@ -31,6 +31,7 @@ __all__ = [
     "RUN_ID_PATTERN",
     "RunId",
     "SCHEMA_VERSION",
+    "AgentCancel",
     "AgentError",
     "AgentResult",
     "AgentTask",
@@ -89,6 +90,7 @@ class ErrorKind(StrEnum):
     UNKNOWN_AGENT = "unknown_agent"
     MAPPING_ERROR = "mapping_error"
     INVALID_PLAN = "invalid_plan"
+    INVALID_SUBMISSION = "invalid_submission"
     CANCELLED = "cancelled"
     CONFIGURATION = "configuration"
     BRIDGE_ERROR = "bridge_error"
@@ -185,15 +187,19 @@ class ControlCommand(StrEnum):
 
     CANCEL = "cancel"
     RETRY = "retry"
+    RESUME = "resume"
+    RESTORE = "restore"
     STEP_TIMEOUT = "step_timeout"
 
 
 class ControlMessage(Message):
     """A command about one run, on ``orchestrator.control`` (key = run_id).
 
-    Users send ``cancel`` and ``retry``; the executor's own timers send
-    ``step_timeout`` (tables are only written by agents, so a timer sends an
-    event instead of changing the run itself).
+    Users send ``cancel``, ``retry`` and ``resume`` (rebuild the run from its
+    PostgreSQL checkpoint if the executor lost it, and re-dispatch what is in
+    flight). The executor sends itself ``step_timeout`` from its timers and
+    ``restore`` after a rebalance (tables are only written by agents, so a
+    timer sends an event instead of changing the run itself).
     """
 
     run_id: RunId
@@ -208,6 +214,16 @@ class ControlMessage(Message):
         if self.command is ControlCommand.STEP_TIMEOUT and (self.step_id is None or self.attempt is None):
             raise ValueError("a step_timeout names its step_id and attempt")
         return self
+
+
+class AgentCancel(Message):
+    """Ask the bridge to cancel an attempt's A2A task, on ``orchestrator.tasks.cancel`` (key = run_id)."""
+
+    correlation_id: str = Field(min_length=1, max_length=400)
+    run_id: RunId
+    step_id: str = Field(min_length=1, max_length=128)
+    attempt: int = Field(ge=1)
+    agent_name: str = Field(min_length=1, max_length=200)
 
 
 class DeadLetterRecord(Message):

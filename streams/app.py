@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from faust.types import EventT, StreamT
 from mode import Service
 
+from models.agents import AgentEntry
 from models.messages import (
     AgentResult,
     ControlCommand,
@@ -34,17 +36,19 @@ from models.run import (
     AgentResultReceived,
     CancelRequested,
     Event,
-    ExecutionDefaults,
     RetryRequested,
-    RunSubmitted,
+    RunState,
     StepTimedOut,
 )
 from streams.checkpointer import Checkpointer
+from streams.recovery import PartitionRecovery, discard_stale_tables, partition_of
 from streams.shell import RunShell
 from streams.timers import Timers
 from switchyard import topics
 from switchyard.database import Database
+from switchyard.db import WorkflowRepository
 from switchyard.faust_app import SwitchyardApp, app_settings
+from switchyard.registry import CachedRegistry, DatabaseRegistry, RegistryStore
 from switchyard.settings import Settings
 
 __all__ = ["ExecutorApp", "app", "create_app"]
@@ -67,13 +71,44 @@ class ExecutorApp(SwitchyardApp):
     results_topic: Any
     control_topic: Any
     tasks_topic: Any
+    cancels_topic: Any
     monitoring_topic: Any
     deadletter_topic: Any
+    recovery: PartitionRecovery
 
     async def on_first_start(self) -> None:
-        """Wait for the broker and the database before anything uses them."""
+        """Wait for the broker and the database, and discard table state from an earlier broker."""
         await self.wait_for_services(self.settings, self.database)
+        await discard_stale_tables(
+            self.settings, Path(self.conf.tabledir), topics.RUNS_TABLE, self.runs.changelog_topic.get_topic_name()
+        )
         await super().on_first_start()
+
+
+class _Records:
+    """PostgreSQL's view of runs for the shell; the engine exists once the worker has started."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def exists(self, run_id: str) -> str | None:
+        return WorkflowRepository(self._database.engine).exists(run_id)
+
+    def get_state(self, run_id: str) -> RunState | None:
+        return WorkflowRepository(self._database.engine).get_state(run_id)
+
+    def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
+        return WorkflowRepository(self._database.engine).record_rejected(run_id, kind=kind, message=message, plan=plan)
+
+
+class _Registry:
+    """The built-in registry, reached through the worker's database service."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def get(self, name: str) -> AgentEntry | None:
+        return await DatabaseRegistry(RegistryStore(self._database.engine)).get(name)
 
 
 S = TypeVar("S", bound=Service)
@@ -91,6 +126,7 @@ def _event_from_control(message: ControlMessage) -> Event:
         return CancelRequested(run_id=message.run_id, at=at, reason=message.reason or "cancelled by request")
     if message.command is ControlCommand.RETRY:
         return RetryRequested(run_id=message.run_id, at=at)
+    # RESTORE and RESUME are handled before this; what is left is a step timeout.
     assert message.step_id is not None  # checked by ControlMessage
     assert message.attempt is not None
     return StepTimedOut(run_id=message.run_id, step_id=message.step_id, attempt=message.attempt, at=at)
@@ -117,6 +153,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
     app.control_topic = app.topic(topics.CONTROL, partitions=partitions)
     app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
+    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions)
     app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
     app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
     app.runs = app.Table(topics.RUNS_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=partitions)
@@ -134,14 +171,17 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     app.shell = RunShell(
         runs=app.runs,
         tasks=app.tasks_topic,
+        cancels=app.cancels_topic,
         control=app.control_topic,
         monitoring=app.monitoring_topic,
         deadletter=app.deadletter_topic,
         checkpoints=app.checkpointer,
         timers=app.timers,
+        records=_Records(app.database),
+        registry=CachedRegistry(_Registry(app.database), settings.registry_cache_ttl_s),
+        default_timeout_s=settings.default_step_timeout_s,
         app_name=APP_ID,
     )
-    defaults = ExecutionDefaults(timeout_s=settings.default_step_timeout_s)
     limit = settings.max_message_bytes
 
     async def guarded(source: str, event: EventT[Any], handler: Callable[[bytes, bytes], Awaitable[None]]) -> None:
@@ -153,8 +193,19 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
                 # its run's state on another worker (rule 1).
                 await _rekey(app, source, value)
                 return
+            expected = partition_of(key.decode("utf-8", "replace"), partitions)
+            if event.message.partition != expected:
+                # A producer with another partitioner (librdkafka's default is
+                # crc32): move the event to where the run's state lives.
+                topic = {topics.PLANS: app.plans_topic, topics.RESULTS: app.results_topic}.get(
+                    source, app.control_topic
+                )
+                await topic.send(key=key, value=value, partition=expected)
+                return
             await handler(key, value)
         except MessageDecodeError as error:
+            if source == topics.PLANS and len(value) <= limit:
+                await app.shell.reject(key, value, error.reason)
             await app.shell.park(source, key, value, str(error))
         except Exception as error:
             log.exception("could not process a message from %s", source)
@@ -165,16 +216,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         if key != submission.run_id.encode():
             await app.plans_topic.send(key=submission.run_id.encode(), value=value)
             return
-        await app.shell.handle(
-            RunSubmitted(
-                run_id=submission.run_id,
-                plan=submission.plan,
-                input=submission.input,
-                at=utcnow(),
-                defaults=defaults,
-            ),
-            (topics.PLANS, key, value),
-        )
+        await app.shell.submit(submission, (topics.PLANS, key, value))
 
     async def on_result(key: bytes, value: bytes) -> None:
         result = decode(AgentResult, value, max_bytes=limit)
@@ -188,7 +230,12 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         if key != message.run_id.encode():
             await app.control_topic.send(key=message.run_id.encode(), value=value)
             return
-        await app.shell.handle(_event_from_control(message), (topics.CONTROL, key, value))
+        origin = (topics.CONTROL, key, value)
+        if message.command in {ControlCommand.RESTORE, ControlCommand.RESUME}:
+            if not await app.shell.restore_or_resume(message.run_id, origin):
+                await app.shell.park(topics.CONTROL, key, value, f"no run {message.run_id!r} to {message.command}")
+            return
+        await app.shell.handle(_event_from_control(message), origin)
 
     def consume(topic: Any, name: str, handler: Callable[[bytes, bytes], Awaitable[None]]) -> None:
         async def agent(stream: StreamT[Any]) -> None:
@@ -202,14 +249,8 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     consume(app.results_topic, "results", on_result)
     consume(app.control_topic, "control", on_control)
 
-    async def resume_runs() -> None:
-        # Tasks start after the tables have recovered: set the timers and
-        # re-dispatch what the runs of this worker's partitions need.
-        resumed = await app.shell.resume_all(utcnow())
-        if resumed:
-            log.info("resumed %d running run(s) after start", resumed)
-
-    app.task(resume_runs)
+    app.recovery = PartitionRecovery(app)
+    app.on_rebalance_complete.connect(app.recovery.on_rebalance_complete)
 
     from streams import cli, web
 

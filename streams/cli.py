@@ -4,6 +4,7 @@
 * ``agents list`` / ``agents import FILE`` / ``agents remove NAME``.
 * ``submit PLAN.json [--input JSON | --input-file F] [--run-id ID] [--wait]``.
 * ``status RUN_ID [--json]``.
+* ``cancel RUN_ID`` / ``retry RUN_ID`` / ``resume RUN_ID``.
 
 They work against the running stack with the default settings: they talk to
 the same PostgreSQL (the embedded one in ``.switchyard/`` by default) and put
@@ -28,7 +29,7 @@ from faust.cli import AppCommand, argument, option
 from sqlalchemy import Engine
 
 from models.agents import AgentEntry
-from models.messages import RUN_ID_PATTERN, WorkflowSubmission, encode, new_run_id
+from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
 from models.run import RunStatus
 from switchyard.database import connect
@@ -268,6 +269,38 @@ def register(app: ExecutorApp) -> None:
                 code=EXIT_STILL_RUNNING,
             )
         return _final_report(record)
+
+    async def control(run_id: str, command: ControlCommand) -> int:
+        from streams.web import refuse_command
+
+        status = await asyncio.to_thread(WorkflowRepository(_engine(settings)).exists, run_id)
+        refusal = refuse_command(command, status, run_id)
+        if refusal is not None:
+            raise CliError(refusal, code=EXIT_FAILED)
+        message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested from the command line")
+        try:
+            await produce(settings, app.control_topic.get_topic_name(), key=run_id.encode(), value=encode(message))
+        except Exception as error:
+            raise CliError(
+                f"cannot reach the broker at {settings.bootstrap_servers}: {error}", code=EXIT_FAILED
+            ) from None
+        click.echo(f"{command} requested for run {run_id}")
+        return 0
+
+    @app.command(argument("run_id"), base=SwitchyardCommand)
+    async def cancel(self: AppCommand, run_id: str) -> int:
+        """Cancel a run: it ends CANCELLED, the agent is asked to cancel its task."""
+        return await control(run_id, ControlCommand.CANCEL)
+
+    @app.command(argument("run_id"), base=SwitchyardCommand)
+    async def retry(self: AppCommand, run_id: str) -> int:
+        """Run a FAILED run again from its failed step (earlier outputs and history kept)."""
+        return await control(run_id, ControlCommand.RETRY)
+
+    @app.command(argument("run_id"), base=SwitchyardCommand)
+    async def resume(self: AppCommand, run_id: str) -> int:
+        """Rebuild a RUNNING run from its checkpoint if the executor lost it, and re-dispatch what is in flight."""
+        return await control(run_id, ControlCommand.RESUME)
 
     @app.command(
         argument("run_id"),

@@ -9,38 +9,55 @@ the effects: sends tasks, sets timers, queues checkpoints, publishes updates.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import re
 from collections.abc import Callable, MutableMapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias
 
 from models.messages import (
+    RUN_ID_PATTERN,
+    AgentCancel,
     ControlCommand,
     ControlMessage,
     DeadLetterRecord,
+    ErrorKind,
+    WorkflowSubmission,
     encode,
     utcnow,
 )
+from models.plan import WorkflowPlan
 from models.run import (
+    AgentPolicy,
     CancelAgentTask,
     Checkpoint,
     DeadLetter,
     DispatchTask,
     Effect,
     Event,
+    ExecutionDefaults,
     PublishMonitoring,
     RunFinished,
+    RunRestored,
     RunState,
+    RunStatus,
+    RunSubmitted,
     ScheduleTimeout,
     event_run_id,
     resume,
     transition,
 )
 
-__all__ = ["RunShell", "Sender"]
+__all__ = ["Origin", "RunRecords", "RunShell", "Sender"]
+
+from switchyard.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
+
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 
 Origin: TypeAlias = tuple[str, bytes | None, bytes]
 """Where an event came from: (topic, key, raw value)."""
@@ -51,6 +68,22 @@ class Sender(Protocol):
 
     async def send(self, *, key: bytes, value: bytes) -> Any:
         """Send one message."""
+        ...
+
+
+class RunRecords(Protocol):
+    """What the shell asks PostgreSQL (blocking; called in a worker thread)."""
+
+    def exists(self, run_id: str) -> str | None:
+        """The recorded status of a run, or None."""
+        ...
+
+    def get_state(self, run_id: str) -> RunState | None:
+        """The run's last checkpoint, or None."""
+        ...
+
+    def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
+        """Record a submission that could not start as a FAILED run."""
         ...
 
 
@@ -68,11 +101,15 @@ class RunShell:
     Args:
         runs: The ``runs`` table (run_id bytes -> RunState JSON bytes).
         tasks: Where agent tasks go (the bridge's topic).
+        cancels: Where requests to cancel an agent's task go (the bridge reads them).
         control: The executor's own control topic (for step timeouts).
         monitoring: Where live updates go.
         deadletter: Where unprocessable events go.
         checkpoints: Receives every changed state.
         timers: Runs delayed dispatches and deadlines.
+        records: PostgreSQL's view of runs, for runs the table does not have.
+        registry: Where the agents' policies come from (None: global defaults only).
+        default_timeout_s: The global default deadline of an attempt.
         app_name: Names this app in dead letters.
     """
 
@@ -81,20 +118,28 @@ class RunShell:
         *,
         runs: MutableMapping[bytes, bytes],
         tasks: Sender,
+        cancels: Sender,
         control: Sender,
         monitoring: Sender,
         deadletter: Sender,
         checkpoints: _Checkpoints,
         timers: _Timers,
+        records: RunRecords,
+        registry: Registry | None = None,
+        default_timeout_s: float = 300.0,
         app_name: str = "switchyard-executor",
     ) -> None:
         self.runs = runs
         self.tasks = tasks
+        self.cancels = cancels
         self.control = control
         self.monitoring = monitoring
         self.deadletter = deadletter
         self.checkpoints = checkpoints
         self.timers = timers
+        self.records = records
+        self.registry = registry
+        self.default_timeout_s = default_timeout_s
         self.app_name = app_name
         self.applied = 0
         self.ignored = 0
@@ -178,9 +223,16 @@ class RunShell:
                 )
                 await self.deadletter.send(key=effect.run_id.encode(), value=encode(record))
         elif isinstance(effect, CancelAgentTask):
-            # The bridge's CancelTask forwarding arrives with durable execution
-            # (issue 9); until then the late result is simply ignored.
-            log.info("attempt %s abandoned (timeout or cancel)", effect.correlation_id)
+            # The bridge sends the agent a CancelTask where it can; a late
+            # result is ignored by the state machine either way.
+            cancel = AgentCancel(
+                correlation_id=effect.correlation_id,
+                run_id=effect.run_id,
+                step_id=effect.step_id,
+                attempt=effect.attempt,
+                agent_name=effect.agent_name,
+            )
+            await self.cancels.send(key=effect.run_id.encode(), value=encode(cancel))
 
     def _dispatch(self, effect: DispatchTask) -> None:
         if effect.not_before is not None:
@@ -208,24 +260,131 @@ class RunShell:
 
         return action
 
+    async def submit(self, submission: WorkflowSubmission, origin: Origin | None = None) -> None:
+        """Start a submitted run, at most once per run_id.
+
+        A run the table does not have may still be recorded in PostgreSQL (the
+        table was lost, or this is a late copy of a finished run's submission):
+        a RUNNING one is restored from its checkpoint, a finished one is not
+        started again.
+        """
+        run_id = submission.run_id
+        if self.load(run_id) is None:
+            recorded = await asyncio.to_thread(self.records.exists, run_id)
+            if recorded is not None:
+                if recorded == RunStatus.RUNNING:
+                    await self.restore(run_id, await asyncio.to_thread(self.records.get_state, run_id), origin)
+                else:
+                    log.info("run %s is already recorded as %s; its submission is ignored", run_id, recorded)
+                return
+        event = RunSubmitted(
+            run_id=run_id,
+            plan=submission.plan,
+            input=submission.input,
+            at=utcnow(),
+            defaults=await self.defaults_for(submission.plan),
+        )
+        await self.handle(event, origin)
+
+    async def defaults_for(self, plan: WorkflowPlan) -> ExecutionDefaults:
+        """The global defaults plus the registry's policy for each agent of the plan (and fallbacks)."""
+        agents: dict[str, AgentPolicy] = {}
+        wanted = sorted({step.agent_name for step in plan.steps.values()})
+        while self.registry is not None and wanted:
+            name = wanted.pop()
+            if name in agents:
+                continue
+            try:
+                entry = await self.registry.get(name)
+            except RegistryError:
+                log.warning("registry unavailable; the run uses the global defaults for %s", name)
+                continue
+            if entry is None:
+                continue
+            agents[name] = AgentPolicy(timeout_s=entry.timeout_s, retry=entry.retry, recovery=entry.recovery)
+            if entry.recovery.fallback_agent and entry.recovery.fallback_agent not in agents:
+                wanted.append(entry.recovery.fallback_agent)
+        return ExecutionDefaults(timeout_s=self.default_timeout_s, agents=agents)
+
+    async def reject(self, key: bytes | None, payload: bytes, reason: str) -> bool:
+        """Record an unreadable submission as a FAILED run when its run_id can be read.
+
+        The message still goes to the dead-letter topic; this is so that a user
+        who asks about the run sees why it never started.
+
+        Returns:
+            Whether a run was recorded.
+        """
+        try:
+            raw = json.loads(payload)
+        except (ValueError, RecursionError):
+            return False
+        run_id = raw.get("run_id") if isinstance(raw, dict) else None
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            return False
+        if key is not None and key != run_id.encode():
+            return False  # routed by another key: not this partition's run to record
+        if self.load(run_id) is not None:
+            return False  # a run with that id exists; a bad copy does not change it
+        return await asyncio.to_thread(
+            self.records.record_rejected,
+            run_id,
+            kind=ErrorKind.INVALID_SUBMISSION,
+            message=f"the submission could not be read: {reason}",
+            plan=raw.get("plan"),
+        )
+
+    async def restore_or_resume(self, run_id: str, origin: Origin | None = None) -> bool:
+        """A ``restore``/``resume`` request: rebuild from PostgreSQL if the table lacks the run, else kick it."""
+        snapshot = None
+        if self.load(run_id) is None:
+            snapshot = await asyncio.to_thread(self.records.get_state, run_id)
+        return await self.restore(run_id, snapshot, origin)
+
+    async def restore(self, run_id: str, snapshot: RunState | None, origin: Origin | None = None) -> bool:
+        """Rebuild a run the table lost from its checkpoint, or kick a run the table has.
+
+        A run in the table is newer than any checkpoint: it is not replaced, but
+        what it needs to go on is carried out again (attempts in flight
+        re-dispatched with the same correlation id, deadlines re-armed).
+
+        Returns:
+            Whether there was anything to restore or resume.
+        """
+        state = self.load(run_id)
+        if state is not None:
+            await self.carry_out(resume(state, utcnow()), origin)
+            return True
+        if snapshot is None:
+            return False
+        await self.handle(RunRestored(state=snapshot, at=utcnow()), origin)
+        return True
+
     async def park(self, source_topic: str, key: bytes | None, payload: bytes, reason: str) -> None:
         """Send an unprocessable message to the dead-letter topic with the reason."""
         log.warning("dead letter from %s (key %r): %s", source_topic, key, reason)
         record = DeadLetterRecord.of(source_topic, key, payload, reason, self.app_name)
         await self.deadletter.send(key=key or b"", value=encode(record))
 
-    async def resume_all(self, now: datetime) -> int:
-        """Set the timers and re-dispatch what every RUNNING run in the table needs.
+    async def resume_all(self, now: datetime, belongs: Callable[[str], bool] | None = None) -> int:
+        """Re-dispatch and re-arm what the table's RUNNING runs need (after a start or a rebalance).
+
+        Args:
+            now: The current time.
+            belongs: Only runs whose id it accepts (the partitions just gained).
 
         Returns:
             How many runs needed something.
         """
         resumed = 0
         for key, raw in list(self.runs.items()):
+            run_id = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            if belongs is not None and not belongs(run_id):
+                continue
             try:
                 effects = resume(RunState.model_validate_json(raw), now)
             except Exception:
-                log.exception("cannot resume run %r: its stored state is unreadable", key)
+                log.exception("cannot resume run %r: its stored state is unreadable", run_id)
                 continue
             if effects:
                 resumed += 1

@@ -52,6 +52,13 @@ class Timers(Service):
         """Forget a pending timer (no error if there is none)."""
         self._actions.pop(key, None)
 
+    def cancel_where(self, matches: Callable[[str], bool]) -> int:
+        """Forget every pending timer whose key matches; returns how many."""
+        keys = [key for key in self._actions if matches(key)]
+        for key in keys:
+            del self._actions[key]
+        return len(keys)
+
     def _pop_due(self, now: datetime) -> list[tuple[str, Action]]:
         due: list[tuple[str, Action]] = []
         while self._heap and self._heap[0][0] <= now:

@@ -26,7 +26,7 @@ from faust import web
 from pydantic import ValidationError
 
 from models.agents import AgentEntry
-from models.messages import RUN_ID_PATTERN, WorkflowSubmission, encode, new_run_id
+from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
 from models.run import RunState, RunStatus
 from switchyard import topics
@@ -36,7 +36,23 @@ from switchyard.registry import RegistryStore
 if TYPE_CHECKING:
     from streams.app import ExecutorApp
 
-__all__ = ["record_view", "register", "state_view"]
+__all__ = ["USER_COMMANDS", "record_view", "refuse_command", "register", "state_view"]
+
+USER_COMMANDS = (ControlCommand.CANCEL, ControlCommand.RETRY, ControlCommand.RESUME)
+
+
+def refuse_command(command: ControlCommand, status: str | None, run_id: str) -> str | None:
+    """Why a user's command cannot apply to a run with this recorded status, or None if it can."""
+    if status is None:
+        return f"no run {run_id!r}"
+    if command is ControlCommand.CANCEL and RunStatus(status).finished:
+        return f"run {run_id!r} is already {status}"
+    if command is ControlCommand.RETRY and status != RunStatus.FAILED:
+        return f"run {run_id!r} is {status}; only a FAILED run can be retried"
+    if command is ControlCommand.RESUME and status != RunStatus.RUNNING:
+        return f"run {run_id!r} is {status}; only a RUNNING run can be resumed"
+    return None
+
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
@@ -267,7 +283,29 @@ def register(app: ExecutorApp) -> None:
             record = await asyncio.to_thread(repo().get_run, run_id)
             if record is None:
                 return problem(self, 404, f"no run {run_id!r}")
+            if record.state is not None:
+                return self.json({**state_view(RunState.model_validate(record.state)), "source": "record"})
             return self.json(record_view(record))
+
+    @app.page("/runs/{run_id}/{action}")
+    class RunAction(web.View):
+        async def post(self, request: web.Request, run_id: str, action: str) -> web.Response:
+            denied = forbidden(self, request)
+            if denied is not None:
+                return denied
+            try:
+                command = ControlCommand(action.strip("/"))
+            except ValueError:
+                return problem(self, 404, f"no action {action!r}; use cancel, retry or resume")
+            if command not in USER_COMMANDS:
+                return problem(self, 404, f"no action {action!r}; use cancel, retry or resume")
+            status = await asyncio.to_thread(repo().exists, run_id)
+            refusal = refuse_command(command, status, run_id)
+            if refusal is not None:
+                return problem(self, 404 if status is None else 409, refusal)
+            message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested over HTTP")
+            await app.control_topic.send(key=run_id.encode(), value=encode(message))
+            return self.json({"run_id": run_id, "requested": str(command)}, status=202)
 
     @app.page("/agents/")
     class Agents(web.View):

@@ -247,6 +247,17 @@ class WorkflowRepository(_Repository):
         with self._begin() as session:
             return session.scalar(select(WorkflowRun.status).where(WorkflowRun.run_id == run_id))
 
+    def running_ids(self, *, after: str = "", limit: int = 1000) -> list[str]:
+        """Ids of RUNNING runs, by run_id, a page at a time (``after`` the last id seen)."""
+        query = (
+            select(WorkflowRun.run_id)
+            .where(WorkflowRun.status == str(RunStatus.RUNNING), WorkflowRun.run_id > after)
+            .order_by(WorkflowRun.run_id)
+            .limit(limit)
+        )
+        with self._begin() as session:
+            return list(session.scalars(query))
+
     def running_states(self, *, after: str = "", limit: int = 1000) -> list[RunState]:
         """RUNNING runs' last snapshots, by run_id, a page at a time (``after`` the last id seen)."""
         query = (

@@ -21,7 +21,14 @@ __all__ = ["RUN_KEYED_TOPICS", "ensure_topics", "produce"]
 
 log = logging.getLogger(__name__)
 
-RUN_KEYED_TOPICS = (topics.PLANS, topics.RESULTS, topics.CONTROL, topics.TASKS, topics.MONITORING)
+RUN_KEYED_TOPICS = (
+    topics.PLANS,
+    topics.RESULTS,
+    topics.CONTROL,
+    topics.TASKS,
+    topics.TASK_CANCELS,
+    topics.MONITORING,
+)
 
 
 async def ensure_topics(settings: Settings) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, Mock
@@ -78,6 +78,7 @@ class Harness:
     checkpoints: Mock
     timers: Mock
     resend: dict[str, AsyncMock]  # topic name -> that topic's patched ``send``
+    cancels: Mock = field(default_factory=lambda: sender())
     barriers: int = 0
 
     def agent(self, name: str) -> AgentT[Any]:
@@ -150,6 +151,13 @@ async def harness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
     )
     for name in ("tasks", "control", "monitoring", "deadletter", "checkpoints", "timers"):
         monkeypatch.setattr(app.shell, name, getattr(harness, name))
+    monkeypatch.setattr(app.shell, "cancels", harness.cancels)
+    monkeypatch.setattr(
+        app.shell, "records", Mock(spec=["exists", "get_state", "record_rejected"], exists=Mock(return_value=None))
+    )
+    monkeypatch.setattr(app.shell, "registry", None)
+    # test_context delivers every message on partition 0: make that where every key belongs.
+    monkeypatch.setattr("streams.app.partition_of", lambda run_id, partitions: 0)
     for topic in (app.plans_topic, app.results_topic, app.control_topic):
         resend = AsyncMock(return_value=None)
         monkeypatch.setattr(topic, "send", resend)

@@ -146,8 +146,21 @@ def make_rig(runs: dict[bytes, bytes] | None = None, tasks: FakeTopic | None = N
         "checkpoints": FakeCheckpoints(),
         "timers": FakeTimers(),
     }
-    shell = RunShell(**parts, app_name="test-executor")
+    shell = RunShell(**parts, cancels=FakeTopic(), records=NoRecords(), app_name="test-executor")
     return Rig(**parts, shell=shell)
+
+
+class NoRecords:
+    """PostgreSQL knows no run (the table is the only state in these tests)."""
+
+    def exists(self, run_id: str) -> str | None:
+        return None
+
+    def get_state(self, run_id: str) -> RunState | None:
+        return None
+
+    def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
+        return False
 
 
 @pytest.fixture
