@@ -270,7 +270,14 @@ class RunShell:
         """
         run_id = submission.run_id
         if self.load(run_id) is None:
-            recorded = await asyncio.to_thread(self.records.exists, run_id)
+            try:
+                recorded = await asyncio.to_thread(self.records.exists, run_id)
+            except Exception as error:
+                # PostgreSQL away: runs must go on without it (the checkpointer
+                # catches up later); only a lost table *and* a lost database at
+                # once could let a late copy of a finished run start again.
+                log.warning("cannot ask PostgreSQL about run %s (%s); starting it", run_id, type(error).__name__)
+                recorded = None
             if recorded is not None:
                 if recorded == RunStatus.RUNNING:
                     await self.restore(run_id, await asyncio.to_thread(self.records.get_state, run_id), origin)

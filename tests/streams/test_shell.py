@@ -25,6 +25,7 @@ from models.messages import (
     ControlMessage,
     DeadLetterRecord,
     MonitoringUpdate,
+    WorkflowSubmission,
     decode,
 )
 from models.plan import RetryPolicy
@@ -548,3 +549,46 @@ def test_apply_writes_the_table_before_any_effect_is_carried_out(rig: Rig) -> No
     assert effects
     assert KEY in rig.runs  # stored by apply itself, synchronously
     assert rig.outbound() == (0, 0, 0, 0, 0, 0)  # nothing carried out yet
+
+
+class BrokenRecords(NoRecords):
+    def exists(self, run_id: str) -> str | None:
+        raise ConnectionError("PostgreSQL is down")
+
+
+async def test_a_submission_still_starts_while_postgresql_is_down() -> None:
+    rig = make_rig()
+    rig.shell.records = BrokenRecords()
+    await rig.shell.submit(WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "x"}))
+    assert rig.state().status is RunStatus.RUNNING
+    assert len(rig.tasks_sent()) == 1
+
+
+class RecordedAs(NoRecords):
+    def __init__(self, status: str, state: RunState | None = None) -> None:
+        self.status, self.state = status, state
+
+    def exists(self, run_id: str) -> str | None:
+        return self.status
+
+    def get_state(self, run_id: str) -> RunState | None:
+        return self.state
+
+
+async def test_a_late_copy_of_a_finished_run_is_not_started_again() -> None:
+    rig = make_rig()
+    rig.shell.records = RecordedAs("COMPLETED")
+    await rig.shell.submit(WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "x"}))
+    assert rig.runs == {}
+    assert rig.tasks_sent() == []
+
+
+async def test_a_submission_of_a_running_run_the_table_lost_restores_it() -> None:
+    donor = make_rig()
+    state = await submit(donor)
+    rig = make_rig()
+    rig.shell.records = RecordedAs("RUNNING", state)
+    await rig.shell.submit(WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "hello"}))
+    assert rig.state() == state
+    (task,) = rig.tasks_sent()
+    assert task.correlation_id == f"{RUN_ID}/s1/1", "the attempt in flight, with its correlation id"
