@@ -233,17 +233,20 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
     class Health(web.View):
         async def get(self, request: web.Request) -> web.Response:
             bridge = app.bridge
+            # 503 until the worker owns its partitions and has recovered them,
+            # so that a readiness probe does not pass too early.
             return self.json(
                 {
                     "app": app.conf.id,
-                    "ready": True,
+                    "ready": app.ready,
                     "calls_made": bridge.calls,
                     "calls_in_flight": bridge.memory.in_flight,
                     "repeats_joined": bridge.memory.joined,
                     "repeats_remembered": bridge.memory.remembered,
                     "cancels": bridge.cancels,
                     "assigned_partitions": len(app.assignor.assigned_actives()),
-                }
+                },
+                status=200 if app.ready else 503,
             )
 
     return app

@@ -94,6 +94,8 @@ class _Checkpoints(Protocol):
 class _Timers(Protocol):
     def call_at(self, when: datetime, key: str, action: Callable[[], Any]) -> None: ...
 
+    def cancel(self, key: str) -> None: ...
+
 
 class RunShell:
     """Applies events to runs and carries out the effects.
@@ -164,9 +166,23 @@ class RunShell:
         if new is not None and new is not state:
             self.runs[run_id.encode()] = new.model_dump_json().encode()
             self.applied += 1
+            self._forget_timers(state, new)
         elif not effects:
             self.ignored += 1
         return effects
+
+    def _forget_timers(self, old: RunState | None, new: RunState) -> None:
+        """Drop the deadline and dispatch timers of attempts that have just ended."""
+        for step in new.steps.values():
+            before = old.steps.get(step.step_id) if old is not None else None
+            for attempt in step.attempts:
+                if not attempt.status.finished:
+                    continue
+                if before is not None and attempt.number <= len(before.attempts):
+                    if before.attempts[attempt.number - 1].status.finished:
+                        continue
+                self.timers.cancel(f"timeout:{attempt.correlation_id}")
+                self.timers.cancel(f"dispatch:{attempt.correlation_id}")
 
     # -------------------------------------------------------------- effects
 

@@ -204,10 +204,12 @@ def register(app: ExecutorApp) -> None:
     class Health(web.View):
         async def get(self, request: web.Request) -> web.Response:
             checkpointer = app.checkpointer
+            # 503 until the worker owns its partitions and has recovered them,
+            # so that a readiness probe does not pass too early.
             return self.json(
                 {
                     "app": app.conf.id,
-                    "ready": True,
+                    "ready": app.ready,
                     "runs_applied": app.shell.applied,
                     "events_ignored": app.shell.ignored,
                     "timers": len(app.timers),
@@ -218,7 +220,8 @@ def register(app: ExecutorApp) -> None:
                     "run_partitions": sorted(
                         tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.PLANS
                     ),
-                }
+                },
+                status=200 if app.ready else 503,
             )
 
     @app.page("/runs/")

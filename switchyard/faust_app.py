@@ -88,6 +88,12 @@ class SwitchyardApp(faust.App):
                 log.critical("%s; exiting (check SWITCHYARD_DATABASE_URL)", error)
                 raise SystemExit(1) from None
 
+    @property
+    def ready(self) -> bool:
+        """Whether the worker owns its partitions and its tables have recovered (not mid-rebalance)."""
+        recovery = getattr(self.tables, "recovery", None)  # the concrete TableManager has it; its interface not
+        return not self.rebalancing and recovery is not None and recovery.completed.is_set()
+
     def _new_transport(self) -> TransportT:
         if self.embedded_broker:
             return EmbeddedBrokerTransport(self.conf.broker_consumer, self)

@@ -216,5 +216,5 @@ class Stack:
             self.broker.stop()
             self.broker = None
         if self.postgres is not None:
-            self.postgres.stop()
+            self.postgres.stop(force=True)  # a killed worker may have left its handle behind
             self.postgres = None

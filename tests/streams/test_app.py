@@ -146,7 +146,7 @@ async def harness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
         monitoring=sender(),
         deadletter=sender(),
         checkpoints=Mock(spec=["put"]),
-        timers=Mock(spec=["call_at"]),
+        timers=Mock(spec=["call_at", "cancel"]),
         resend={},
     )
     for name in ("tasks", "control", "monitoring", "deadletter", "checkpoints", "timers"):

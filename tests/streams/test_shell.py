@@ -97,6 +97,9 @@ class FakeTimers:
         self.pending[key] = (when, action)
         self.calls.append((when, key))
 
+    def cancel(self, key: str) -> None:
+        self.pending.pop(key, None)
+
     async def fire(self, key: str) -> None:
         _, action = self.pending.pop(key)
         await action()
@@ -592,3 +595,15 @@ async def test_a_submission_of_a_running_run_the_table_lost_restores_it() -> Non
     assert rig.state() == state
     (task,) = rig.tasks_sent()
     assert task.correlation_id == f"{RUN_ID}/s1/1", "the attempt in flight, with its correlation id"
+
+
+async def test_a_finished_attempt_forgets_its_deadline_and_dispatch_timers(rig: Rig) -> None:
+    state = await submit(rig, retry=DELAYED)
+    assert f"timeout:{RUN_ID}/s1/1" in rig.timers.pending
+    await rig.shell.handle(failure(state, at(5)))
+    assert f"timeout:{RUN_ID}/s1/1" not in rig.timers.pending, "attempt 1 ended"
+    assert f"dispatch:{RUN_ID}/s1/2" in rig.timers.pending
+    state = rig.state()
+    await rig.shell.handle(result(state, at(20)))
+    assert not any(key.endswith(f"{RUN_ID}/s1/2") for key in rig.timers.pending), "attempt 2 ended"
+    assert f"timeout:{RUN_ID}/s2/1" in rig.timers.pending

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -57,3 +60,37 @@ def test_data_survives_a_restart(server_dir: Path) -> None:
         engine.dispose()
     finally:
         second.stop()
+
+
+def test_a_handle_left_by_a_killed_process_does_not_keep_the_server_alive(server_dir: Path) -> None:
+    import json
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    server = start_postgres(server_dir / "pg")
+    pid = server.pid
+    assert pid is not None
+    handles = server_dir / "pg" / ".handle_pids.json"
+    handles.write_text(json.dumps([dead.pid, *json.loads(handles.read_text())]))
+    server.stop()
+    assert psutil.pid_exists(pid), "the dead handle still counts until the next start"
+    # A later process (a restarted worker) forgets the dead handle; when it is
+    # the last one to leave, the server stops.
+    code = f"from switchyard.embedded import start_postgres; start_postgres({str(server_dir / 'pg')!r}).stop()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_force_stop_stops_the_server_whatever_the_handles(server_dir: Path) -> None:
+    import json
+
+    server = start_postgres(server_dir / "pg")
+    pid = server.pid
+    assert pid is not None
+    handles = server_dir / "pg" / ".handle_pids.json"
+    handles.write_text(json.dumps([1, *json.loads(handles.read_text())]))  # pid 1 lives forever
+    server.stop(force=True)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
