@@ -178,9 +178,9 @@ class RunShell:
             for attempt in step.attempts:
                 if not attempt.status.finished:
                     continue
-                if before is not None and attempt.number <= len(before.attempts):
-                    if before.attempts[attempt.number - 1].status.finished:
-                        continue
+                known = before is not None and attempt.number <= len(before.attempts)
+                if known and before is not None and before.attempts[attempt.number - 1].status.finished:
+                    continue
                 self.timers.cancel(f"timeout:{attempt.correlation_id}")
                 self.timers.cancel(f"dispatch:{attempt.correlation_id}")
 
