@@ -245,6 +245,9 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
                     "repeats_remembered": bridge.memory.remembered,
                     "cancels": bridge.cancels,
                     "assigned_partitions": len(app.assignor.assigned_actives()),
+                    "task_partitions": sorted(
+                        tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.TASKS
+                    ),
                 },
                 status=200 if app.ready else 503,
             )

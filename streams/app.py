@@ -204,9 +204,12 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
                 return
             await handler(key, value)
         except MessageDecodeError as error:
-            if source == topics.PLANS and len(value) <= limit:
-                await app.shell.reject(key, value, error.reason)
             await app.shell.park(source, key, value, str(error))
+            if source == topics.PLANS and len(value) <= limit:
+                try:
+                    await app.shell.reject(key, value, error.reason)
+                except Exception:
+                    log.exception("could not record the rejected submission (it is in the dead-letter topic)")
         except Exception as error:
             log.exception("could not process a message from %s", source)
             await app.shell.park(source, key, value, f"internal error: {type(error).__name__}: {error}")

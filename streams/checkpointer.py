@@ -27,6 +27,14 @@ __all__ = ["Checkpointer"]
 log = logging.getLogger(__name__)
 
 
+class _PartlyWritten(Exception):
+    """Some snapshots of a batch were written, others not."""
+
+    def __init__(self, written: set[str], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.written = written
+
+
 class Checkpointer(Service):
     """Batches run snapshots and upserts them into PostgreSQL."""
 
@@ -77,12 +85,15 @@ class Checkpointer(Service):
                 return 0
             batch, self._pending = self._pending, {}
             try:
-                await asyncio.to_thread(SnapshotRepository(self.database.engine).upsert, list(batch.values()))
+                await asyncio.to_thread(self._write, list(batch.values()))
             except BaseException as error:
                 # Put the batch back under anything newer that arrived meanwhile
                 # (also when cancelled: the write may not have happened, and
                 # writing it again is harmless, the upsert being idempotent).
+                done = error.written if isinstance(error, _PartlyWritten) else set()
                 for run_id, state in batch.items():
+                    if run_id in done:
+                        continue
                     newer = self._pending.get(run_id)
                     if newer is None or newer.version < state.version:
                         self._pending[run_id] = state
@@ -93,6 +104,33 @@ class Checkpointer(Service):
             self.written += len(batch)
             self.last_error = None
             return len(batch)
+
+    def _write(self, states: list[RunState]) -> None:
+        """Upsert a batch; if it fails, run by run, so one bad snapshot does not hold back the others.
+
+        Raises:
+            Exception: The first error, when some snapshots could not be written
+                (the written ones are dropped from the batch the caller keeps).
+        """
+        repo = SnapshotRepository(self.database.engine)
+        try:
+            repo.upsert(states)
+            return
+        except Exception as batch_error:
+            if len(states) == 1:
+                raise
+            first: Exception = batch_error
+        failed: list[RunState] = []
+        for state in states:
+            try:
+                repo.upsert([state])
+            except Exception as error:
+                failed.append(state)
+                first = error
+        if failed:
+            written = {s.run_id for s in states} - {s.run_id for s in failed}
+            self.written += len(written)
+            raise _PartlyWritten(written, first)
 
     async def wait_flushed(self, within_s: float = 10.0) -> bool:
         """Wait until nothing is pending (for tests and shutdown)."""

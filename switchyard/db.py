@@ -31,6 +31,7 @@ __all__ = [
     "make_engine",
     "normalize_url",
     "snapshot_rows",
+    "storable",
     "upsert_snapshots",
 ]
 
@@ -282,7 +283,8 @@ class WorkflowRepository(_Repository):
             False when the run_id is already recorded (then nothing changes).
         """
         now = at or utcnow()
-        plan_data = plan if isinstance(plan, dict) else {}
+        plan_data = storable(plan) if isinstance(plan, dict) else {}
+        message, details = storable(message), storable(details)
         values = {
             "run_id": run_id,
             "workflow_id": str(plan_data.get("workflow_id", ""))[:200],
@@ -386,9 +388,25 @@ class StepRepository(_Repository):
             return [StepRecord.model_validate(row) for row in session.scalars(query)]
 
 
+def storable(value: Any) -> Any:
+    """JSON that PostgreSQL can store: NUL characters become U+FFFD.
+
+    JSONB and text columns refuse NUL; one such character in a run's input or
+    an agent's output must not stop the record of that run, or of the others
+    written in the same batch.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The rows that record a run state: one run row and one row per attempt."""
-    dump = state.model_dump(mode="json")
+    dump = storable(state.model_dump(mode="json"))
     run_row = {
         "run_id": state.run_id,
         "workflow_id": state.plan.workflow_id,

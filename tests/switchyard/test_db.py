@@ -471,3 +471,16 @@ def test_schema_creation_from_many_processes_at_once(postgres_server) -> None:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
     assert errors == []
+
+
+def test_nul_characters_are_stored_as_replacement_characters(engine: Engine) -> None:
+    state, _ = transition(
+        None, RunSubmitted(run_id="nul-run", plan=_plan(), input={"topic": "a\x00b", "k\x00": ["\x00"]}, at=T0)
+    )
+    assert state is not None
+    SnapshotRepository(engine).upsert([state])
+    record = WorkflowRepository(engine).get_run("nul-run")
+    assert record is not None
+    assert record.input == {"topic": "a\ufffdb", "k\ufffd": ["\ufffd"]}
+    assert record.steps[0].input_data == {"topic": "a\ufffdb"}
+    assert WorkflowRepository(engine).record_rejected("nul-rejected", kind="invalid_submission", message="bad \x00")
