@@ -175,8 +175,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
     app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
     app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
     app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
-    app.bridge = Bridge(settings)
-    app.service(app.bridge)  # type: ignore[arg-type]  # Faust accepts instances
+    app.bridge = app.attach(Bridge(settings))
     limit = settings.max_message_bytes
 
     async def handle(key: bytes | None, value: bytes) -> None:

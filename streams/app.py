@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from faust.types import EventT, StreamT
-from mode import Service
 
 from models.agents import AgentEntry
 from models.messages import (
@@ -111,15 +110,6 @@ class _Registry:
         return await DatabaseRegistry(RegistryStore(self._database.engine)).get(name)
 
 
-S = TypeVar("S", bound=Service)
-
-
-def _attach(app: ExecutorApp, service: S) -> S:
-    """Run ``service`` with the app (Faust accepts instances; its annotation says classes)."""
-    app.service(cast(Any, service))
-    return service
-
-
 def _event_from_control(message: ControlMessage) -> Event:
     at = utcnow()
     if message.command is ControlCommand.CANCEL:
@@ -158,16 +148,15 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
     app.runs = app.Table(topics.RUNS_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=partitions)
 
-    app.database = _attach(app, Database(settings))
-    app.checkpointer = _attach(
-        app,
+    app.database = app.attach(Database(settings))
+    app.checkpointer = app.attach(
         Checkpointer(
             app.database,
             interval_s=settings.checkpoint_interval_s,
             batch_size=settings.checkpoint_batch_size,
         ),
     )
-    app.timers = _attach(app, Timers())
+    app.timers = app.attach(Timers())
     app.shell = RunShell(
         runs=app.runs,
         tasks=app.tasks_topic,

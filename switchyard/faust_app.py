@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import aiokafka
 import faust
@@ -63,6 +63,9 @@ class EmbeddedBrokerTransport(faust_aiokafka.Transport):
     Consumer = _ShortFetchConsumer
 
 
+S = TypeVar("S", bound=Service)
+
+
 class SwitchyardApp(faust.App):
     """A Faust app that uses :class:`EmbeddedBrokerTransport` on the embedded broker."""
 
@@ -87,6 +90,11 @@ class SwitchyardApp(faust.App):
             except TimeoutError as error:
                 log.critical("%s; exiting (check SWITCHYARD_DATABASE_URL)", error)
                 raise SystemExit(1) from None
+
+    def attach(self, service: S) -> S:
+        """Run ``service`` with the app; returns it (Faust accepts instances; its annotation says classes)."""
+        self.service(cast(Any, service))
+        return service
 
     @property
     def ready(self) -> bool:
