@@ -372,3 +372,40 @@ def test_the_bridge_calls_agents_concurrently(e2e: RunningStack) -> None:
     spans = sorted((r.steps[0].started_at, r.steps[0].completed_at) for r in records)
     overlapping = sum(1 for (_, end), (start, _) in itertools.pairwise(spans) if start and end and start < end)
     assert overlapping >= 4, spans
+
+
+def test_registry_recovery_policy_falls_back_then_skips(e2e: RunningStack) -> None:
+    from models.agents import AgentEntry, RecoveryAction, RecoveryPolicy
+    from models.plan import RetryPolicy
+
+    one_try = RetryPolicy(max_attempts=1)
+    e2e.register(
+        AgentEntry(
+            name="broken-with-fallback",
+            url=e2e.agent_url("broken"),
+            retry=one_try,
+            recovery=RecoveryPolicy(action=RecoveryAction.FALLBACK, fallback_agent="summarizer"),
+        )
+    )
+    e2e.register(
+        AgentEntry(
+            name="broken-skippable",
+            url=e2e.agent_url("broken"),
+            retry=one_try,
+            recovery=RecoveryPolicy(action=RecoveryAction.SKIP, default_output={"summary": "(skipped)"}),
+        )
+    )
+    fallen_back = wait_done(e2e, submit(e2e, one_step("broken-with-fallback"), {"text": "backup did it"}))
+    assert fallen_back.status == "COMPLETED", fallen_back.error
+    assert [(s.attempt, s.agent_name, s.status) for s in fallen_back.steps] == [
+        (1, "broken-with-fallback", "FAILED"),
+        (2, "summarizer", "COMPLETED"),
+    ]
+    assert fallen_back.output == {"summary": "backup did it", "words": 3}
+
+    skipped = wait_done(e2e, submit(e2e, one_step("broken-skippable"), {"text": "x"}))
+    assert skipped.status == "COMPLETED", skipped.error
+    assert skipped.output == {"summary": "(skipped)"}
+    status, view = http_json("GET", e2e.stack.executor_url(f"/runs/{skipped.run_id}/"))
+    assert status == 200
+    assert view["steps"][0]["status"] == "SKIPPED"
