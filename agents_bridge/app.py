@@ -11,6 +11,7 @@ gets the remembered result instead of calling the agent twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -59,6 +60,7 @@ class Bridge(Service):
         self._caller: AgentCaller | None = None
         self.calls = 0
         self.cancels = 0
+        self.publish: Callable[[AgentTask, AgentResult], Awaitable[None]] | None = None
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -86,8 +88,20 @@ class Bridge(Service):
             await self.database.stop()
 
     async def execute(self, task: AgentTask) -> AgentResult:
-        """Carry out one task once per correlation id. Never raises for a call problem."""
-        return await self.memory.run(task.correlation_id, lambda: self._execute(task))
+        """Carry out one task once per correlation id, and publish its result once.
+
+        A repeat of a task (same correlation id) joins the call in flight or
+        gets the remembered result; either way the result was, or will be,
+        published by the one call, so the executor is not sent it twice.
+        Never raises for a call problem.
+        """
+        return await self.memory.run(task.correlation_id, lambda: self._execute_and_publish(task))
+
+    async def _execute_and_publish(self, task: AgentTask) -> AgentResult:
+        result = await self._execute(task)
+        if self.publish is not None:
+            await self.publish(task, result)
+        return result
 
     async def cancel(self, request: AgentCancel) -> bool:
         """Send the agent a CancelTask for an attempt, where its task id is known (best-effort).
@@ -186,7 +200,9 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             record = DeadLetterRecord.of(topics.TASKS, key, value, str(error), APP_ID)
             await app.deadletter_topic.send(key=key or b"", value=encode(record))
             return
-        result = await app.bridge.execute(task)
+        await app.bridge.execute(task)
+
+    async def publish(task: AgentTask, result: AgentResult) -> None:
         await app.results_topic.send(key=task.run_id.encode(), value=encode(result))
         took_ms = (result.finished_at - result.started_at).total_seconds() * 1000
         update = MonitoringUpdate(
@@ -197,6 +213,8 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             detail={"agent": task.agent_name, "took_ms": round(took_ms, 1), "source": "bridge"},
         )
         await app.monitoring_topic.send(key=task.run_id.encode(), value=encode(update))
+
+    app.bridge.publish = publish
 
     async def call_agents(stream: StreamT[Any]) -> None:
         async for event in stream.events():
