@@ -88,13 +88,20 @@ class Bridge(Service):
             await self.database.stop()
 
     async def execute(self, task: AgentTask) -> AgentResult:
-        """Carry out one task once per correlation id, and publish its result once.
+        """Carry out one task once per correlation id, and publish its result.
 
-        A repeat of a task (same correlation id) joins the call in flight or
-        gets the remembered result; either way the result was, or will be,
-        published by the one call, so the executor is not sent it twice.
-        Never raises for a call problem.
+        A repeat that arrives while the call is in flight joins it: the call
+        publishes its result once for both. A repeat that arrives after the
+        call finished gets the remembered result published again: the
+        executor asking again means it may have lost the first one (its table
+        rebuilt from a changelog that missed the result's effect), and a
+        duplicate result is harmless to it. Never raises for a call problem.
         """
+        done = self.memory.finished(task.correlation_id)
+        if done is not None:
+            if self.publish is not None:
+                await self.publish(task, done)
+            return done
         return await self.memory.run(task.correlation_id, lambda: self._execute_and_publish(task))
 
     async def _execute_and_publish(self, task: AgentTask) -> AgentResult:

@@ -38,6 +38,14 @@ class CallMemory:
         """Calls running now."""
         return len(self._in_flight)
 
+    def finished(self, correlation_id: str) -> AgentResult | None:
+        """The remembered result of a finished call, or None."""
+        done = self._finished.get(correlation_id)
+        if done is not None:
+            self._finished.move_to_end(correlation_id)
+            self.remembered += 1
+        return done
+
     async def run(self, correlation_id: str, call: Callable[[], Awaitable[AgentResult]]) -> AgentResult:
         """Run ``call`` once per correlation id; repeats share its result.
 
