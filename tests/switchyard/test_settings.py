@@ -43,3 +43,18 @@ def test_bad_values_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("SWITCHYARD_DB_POOL_SIZE", "0")
     with pytest.raises(ValidationError, match="db_pool_size"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("bind", "host"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("executor.internal", "executor.internal"),
+    ],
+)
+def test_clients_reach_a_wildcard_bind_on_loopback(bind: str, host: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, web_bind=bind, executor_web_port=6066)
+    assert settings.web_host == host
+    assert settings.executor_url == f"http://{host}:6066"
