@@ -19,7 +19,6 @@ Rules this module keeps (DESIGN.md, rule 5):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TypeAlias
@@ -728,12 +727,8 @@ def _succeed(state: RunState, step: StepState, attempt: Attempt, output: JsonVal
     )
     state = _put_step(state, step, at)
     effects: list[Effect] = [_monitor(state, at, StepStatus.COMPLETED, step_id=step.step_id, attempt=attempt.number)]
-    next_step = state.plan.steps[step.step_id].next_step
-    if next_step is None:
-        state, finish = _finish(state, RunStatus.COMPLETED, at, output=output)
-        return state, effects + finish
-    state, step_effects = _start_step(state, next_step, at)
-    return state, effects + step_effects
+    state, advance_effects = _advance(state, step.step_id, output, at)
+    return state, effects + advance_effects
 
 
 def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: AgentError, at: datetime) -> _Changed:
@@ -746,16 +741,7 @@ def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: Age
     if retriable and used < policy.max_attempts:
         delay = policy.delay_s(used, attempt.correlation_id)
         state = _put_step(state, step, at)
-        effects: list[Effect] = [
-            _monitor(
-                state,
-                at,
-                StepStatus.FAILED,
-                step_id=step.step_id,
-                attempt=attempt.number,
-                detail={"error": error.message, "kind": error.kind, "will_retry": True},
-            )
-        ]
+        effects: list[Effect] = [_failed(state, step, attempt, error, at, will_retry=True)]
         state, retry_effects = _new_attempt(state, step, at, at + timedelta(seconds=delay))
         return state, effects + retry_effects
     why = "not retriable" if not retriable else f"{used} attempt(s) used of {policy.max_attempts}"
@@ -772,18 +758,38 @@ def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: Age
         step_id=step.step_id,
         attempt=attempt.number,
     )
-    effects = [
-        _monitor(
-            state,
-            at,
-            StepStatus.FAILED,
-            step_id=step.step_id,
-            attempt=attempt.number,
-            detail={"error": error.message, "kind": error.kind, "will_retry": False},
-        )
-    ]
+    effects = [_failed(state, step, attempt, error, at, will_retry=False)]
     state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
     return state, effects + finish
+
+
+def _failed(
+    state: RunState,
+    step: StepState,
+    attempt: Attempt,
+    error: AgentError,
+    at: datetime,
+    *,
+    status: StepStatus = StepStatus.FAILED,
+    **detail: JsonValue,
+) -> PublishMonitoring:
+    """The live update for an attempt that failed (and what happens next, in ``detail``)."""
+    return _monitor(
+        state,
+        at,
+        status,
+        step_id=step.step_id,
+        attempt=attempt.number,
+        detail={"error": error.message, "kind": error.kind, **detail},
+    )
+
+
+def _advance(state: RunState, step_id: str, output: JsonValue, at: datetime) -> _Changed:
+    """After a step ended with an output (done or skipped): start the next one, or complete the run."""
+    next_step = state.plan.steps[step_id].next_step
+    if next_step is None:
+        return _finish(state, RunStatus.COMPLETED, at, output=output)
+    return _start_step(state, next_step, at)
 
 
 def _fall_back(
@@ -794,16 +800,7 @@ def _fall_back(
         update={"fallback_agent": fallback, "first_attempt_of_round": len(step.attempts) + 1, "error": error}
     )
     state = _put_step(state, step, at)
-    effects: list[Effect] = [
-        _monitor(
-            state,
-            at,
-            StepStatus.FAILED,
-            step_id=step.step_id,
-            attempt=attempt.number,
-            detail={"error": error.message, "kind": error.kind, "why": why, "fallback_agent": fallback},
-        )
-    ]
+    effects: list[Effect] = [_failed(state, step, attempt, error, at, why=why, fallback_agent=fallback)]
     state, attempt_effects = _new_attempt(state, step, at, at)
     return state, effects + attempt_effects
 
@@ -822,22 +819,9 @@ def _skip(
         }
     )
     state = _put_step(state, step, at)
-    effects: list[Effect] = [
-        _monitor(
-            state,
-            at,
-            StepStatus.SKIPPED,
-            step_id=step.step_id,
-            attempt=attempt.number,
-            detail={"error": error.message, "kind": error.kind, "why": why},
-        )
-    ]
-    next_step = state.plan.steps[step.step_id].next_step
-    if next_step is None:
-        state, finish = _finish(state, RunStatus.COMPLETED, at, output=output)
-        return state, effects + finish
-    state, step_effects = _start_step(state, next_step, at)
-    return state, effects + step_effects
+    effects: list[Effect] = [_failed(state, step, attempt, error, at, status=StepStatus.SKIPPED, why=why)]
+    state, advance_effects = _advance(state, step.step_id, output, at)
+    return state, effects + advance_effects
 
 
 def _finish(
@@ -866,8 +850,3 @@ def _finish(
         _monitor(state, at, status, detail=detail),
         RunFinished(run_id=state.run_id, status=status, output=output, error=error),
     ]
-
-
-def effects_of(outcomes: Sequence[Outcome]) -> list[Effect]:
-    """All effects of several outcomes, in order (a convenience for shells and tests)."""
-    return [effect for _, effects in outcomes for effect in effects]

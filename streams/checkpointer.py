@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from mode import Service
@@ -131,14 +130,6 @@ class Checkpointer(Service):
             written = {s.run_id for s in states} - {s.run_id for s in failed}
             self.written += len(written)
             raise _PartlyWritten(written, first)
-
-    async def wait_flushed(self, within_s: float = 10.0) -> bool:
-        """Wait until nothing is pending (for tests and shutdown)."""
-        deadline = time.monotonic() + within_s
-        while self._pending and time.monotonic() < deadline:
-            self._wakeup.set()
-            await asyncio.sleep(0.02)
-        return not self._pending
 
     @Service.task
     async def _flush_loop(self) -> None:

@@ -111,7 +111,17 @@ def state_view(state: RunState) -> dict[str, Any]:
 
 
 def record_view(record: RunRecord) -> dict[str, Any]:
-    """A run from PostgreSQL, in the same shape as :func:`state_view`."""
+    """A run from PostgreSQL, in the same shape as :func:`state_view`.
+
+    From the run's last snapshot when it has one; otherwise (a submission
+    rejected before it ran) from the rows.
+    """
+    if record.state is not None:
+        return {**state_view(RunState.model_validate(record.state)), "source": "record"}
+    return _rows_view(record)
+
+
+def _rows_view(record: RunRecord) -> dict[str, Any]:
     data = record.model_dump(mode="json")
     by_step: dict[str, list[dict[str, Any]]] = {}
     for attempt in data["steps"]:
@@ -286,8 +296,6 @@ def register(app: ExecutorApp) -> None:
             record = await asyncio.to_thread(repo().get_run, run_id)
             if record is None:
                 return problem(self, 404, f"no run {run_id!r}")
-            if record.state is not None:
-                return self.json({**state_view(RunState.model_validate(record.state)), "source": "record"})
             return self.json(record_view(record))
 
     @app.page("/runs/{run_id}/{action}")

@@ -259,21 +259,6 @@ class WorkflowRepository(_Repository):
         with self._begin() as session:
             return list(session.scalars(query))
 
-    def running_states(self, *, after: str = "", limit: int = 1000) -> list[RunState]:
-        """RUNNING runs' last snapshots, by run_id, a page at a time (``after`` the last id seen)."""
-        query = (
-            select(WorkflowRun.state)
-            .where(
-                WorkflowRun.status == str(RunStatus.RUNNING),
-                WorkflowRun.run_id > after,
-                WorkflowRun.state.is_not(None),
-            )
-            .order_by(WorkflowRun.run_id)
-            .limit(limit)
-        )
-        with self._begin() as session:
-            return [RunState.model_validate(raw) for raw in session.scalars(query)]
-
     def record_rejected(
         self, run_id: str, *, kind: str, message: str, details: Any = None, plan: Any = None, at: datetime | None = None
     ) -> bool:

@@ -322,16 +322,6 @@ async def test_a_full_batch_is_flushed_without_waiting_for_the_interval(
     assert all(_version(repo, run_id) == 1 for run_id in run_ids)
 
 
-async def test_wait_flushed(engine: Engine, repo: WorkflowRepository, started: list[Checkpointer]) -> None:
-    checkpointer = _checkpointer(StandInDatabase(engine), interval_s=30)
-    started.append(checkpointer)
-    await checkpointer.start()
-    run_id = _run_id()
-    checkpointer.put(_history(run_id)[1])
-    assert await checkpointer.wait_flushed(within_s=3.0) is True
-    assert _version(repo, run_id) == 2
-
-
 async def test_the_loop_survives_an_outage(
     engine: Engine, bad_engine: Engine, repo: WorkflowRepository, started: list[Checkpointer]
 ) -> None:
