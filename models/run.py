@@ -417,16 +417,22 @@ def transition(state: RunState | None, event: Event) -> Outcome:
     return new, [*effects, Checkpoint(state=new)]
 
 
-def resume(state: RunState, now: datetime) -> list[Effect]:
+def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]:
     """What a RUNNING run needs to go on after a restart or a rebalance.
 
     Attempts in flight are dispatched again with the same correlation id (the
     bridge and agents recognise the repeat), delayed retries keep their time,
-    and every deadline is scheduled again (a past one fires at once).
+    and every deadline is scheduled again, no earlier than ``now + grace_s``.
+
+    The grace matters after a restart: results that arrived while the
+    executor was down wait on the results topic, and a deadline that passed
+    meanwhile must not fire before they are read, or a result that came in
+    time would lose to its own timeout.
 
     Args:
         state: The run as recovered.
         now: The current time.
+        grace_s: The least time from now before a deadline fires.
 
     Returns:
         The effects to carry out; empty for a finished run.
@@ -440,7 +446,12 @@ def resume(state: RunState, now: datetime) -> list[Effect]:
     not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
     return [
         DispatchTask(task=_task(state, step.step_id, attempt), not_before=not_before),
-        ScheduleTimeout(run_id=state.run_id, step_id=step.step_id, attempt=attempt.number, at=attempt.deadline),
+        ScheduleTimeout(
+            run_id=state.run_id,
+            step_id=step.step_id,
+            attempt=attempt.number,
+            at=max(attempt.deadline, now + timedelta(seconds=grace_s)),
+        ),
     ]
 
 

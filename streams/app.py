@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         records=_Records(app.database),
         registry=CachedRegistry(_Registry(app.database), settings.registry_cache_ttl_s),
         default_timeout_s=settings.default_step_timeout_s,
+        resume_grace_s=settings.resume_grace_s,
         app_name=APP_ID,
     )
     limit = settings.max_message_bytes

@@ -112,6 +112,7 @@ class RunShell:
         records: PostgreSQL's view of runs, for runs the table does not have.
         registry: Where the agents' policies come from (None: global defaults only).
         default_timeout_s: The global default deadline of an attempt.
+        resume_grace_s: After a restart, the least time before a passed deadline fires.
         app_name: Names this app in dead letters.
     """
 
@@ -129,6 +130,7 @@ class RunShell:
         records: RunRecords,
         registry: Registry | None = None,
         default_timeout_s: float = 300.0,
+        resume_grace_s: float = 0.0,
         app_name: str = "switchyard-executor",
     ) -> None:
         self.runs = runs
@@ -142,6 +144,7 @@ class RunShell:
         self.records = records
         self.registry = registry
         self.default_timeout_s = default_timeout_s
+        self.resume_grace_s = resume_grace_s
         self.app_name = app_name
         self.applied = 0
         self.ignored = 0
@@ -376,7 +379,7 @@ class RunShell:
         """
         state = self.load(run_id)
         if state is not None:
-            await self.carry_out(resume(state, utcnow()), origin)
+            await self.carry_out(resume(state, utcnow(), self.resume_grace_s), origin)
             return True
         if snapshot is None:
             return False
@@ -405,7 +408,7 @@ class RunShell:
             if belongs is not None and not belongs(run_id):
                 continue
             try:
-                effects = resume(RunState.model_validate_json(raw), now)
+                effects = resume(RunState.model_validate_json(raw), now, self.resume_grace_s)
             except Exception:
                 log.exception("cannot resume run %r: its stored state is unreadable", run_id)
                 continue

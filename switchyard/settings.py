@@ -48,6 +48,9 @@ class Settings(BaseSettings):
 
     # --- steps and agent calls
     default_step_timeout_s: float = Field(300.0, gt=0, le=86_400, description="Deadline of an attempt, by default.")
+    resume_grace_s: float = Field(
+        10.0, ge=0, le=3600, description="After a restart, the least time before a deadline that passed fires."
+    )
     call_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest single HTTP request to an agent.")
     poll_interval_s: float = Field(0.5, gt=0, le=60, description="GetTask polling interval for tasks still working.")
     registry_cache_ttl_s: float = Field(30.0, ge=0, le=3600, description="How long the bridge trusts a lookup.")

@@ -161,3 +161,19 @@ def test_restoring_a_finished_run_dispatches_nothing() -> None:
     restored, effects = transition(None, RunRestored(state=state, at=at(2)))
     assert restored == state
     assert of_type(effects, DispatchTask) == []
+
+
+def test_resume_gives_passed_deadlines_a_grace_period() -> None:
+    from datetime import timedelta
+
+    from models.run import resume
+
+    state = start(make_plan(1), defaults=defaults())
+    deadline = state.steps["s1"].attempts[0].deadline
+    late = deadline + timedelta(seconds=60)
+    (timeout,) = of_type(resume(state, late), ScheduleTimeout)
+    assert timeout.at == late, "without grace a passed deadline fires at once (now)"
+    (timeout,) = of_type(resume(state, late, grace_s=10), ScheduleTimeout)
+    assert timeout.at == late + timedelta(seconds=10)
+    (timeout,) = of_type(resume(state, at(0), grace_s=10), ScheduleTimeout)
+    assert timeout.at == deadline, "a deadline still far off is kept"
