@@ -219,6 +219,17 @@ class RunState(BaseModel):
     updated_at: AwareDatetime
     version: int = Field(1, ge=1, description="Bumped by every change; orders snapshots.")
 
+    def awaits(self, step_id: str, attempt: int) -> bool:
+        """Whether that attempt is its step's latest and still waits for its result, in a running run."""
+        step = self.steps.get(step_id)
+        current = step.current if step else None
+        return (
+            self.status is RunStatus.RUNNING
+            and current is not None
+            and current.number == attempt
+            and not current.status.finished
+        )
+
 
 # --------------------------------------------------------------------- events
 
@@ -517,16 +528,12 @@ def _on_result(state: RunState, event: AgentResultReceived) -> _Changed:
 
 
 def _on_timeout(state: RunState, event: StepTimedOut) -> _Changed:
-    step = state.steps.get(event.step_id)
-    attempt = step.current if step else None
-    if (
-        state.status is not RunStatus.RUNNING
-        or step is None
-        or attempt is None
-        or attempt.number != event.attempt
-        or attempt.status.finished
-        or event.at < attempt.deadline
-    ):
+    if not state.awaits(event.step_id, event.attempt):
+        return state, []
+    step = state.steps[event.step_id]
+    attempt = step.current
+    assert attempt is not None  # awaits() says so
+    if event.at < attempt.deadline:
         return state, []
     timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
     error = AgentError(

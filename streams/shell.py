@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, MutableMapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeAlias
 
 from models.messages import (
@@ -50,7 +50,7 @@ from models.run import (
     transition,
 )
 
-__all__ = ["Origin", "RunRecords", "RunShell", "Sender"]
+__all__ = ["TIMEOUT_REPEAT", "Origin", "RunRecords", "RunShell", "Sender"]
 
 from switchyard.registry import Registry, RegistryError
 
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
+
+TIMEOUT_REPEAT = timedelta(seconds=30)
+"""How often a step timeout is sent again while its attempt has not ended."""
 
 Origin: TypeAlias = tuple[str, bytes | None, bytes]
 """Where an event came from: (topic, key, raw value)."""
@@ -267,7 +270,12 @@ class RunShell:
         return action
 
     def _timeout_action(self, effect: ScheduleTimeout) -> Callable[[], Any]:
+        key = _timeout_key(effect)
+
         async def action() -> None:
+            state = self.load(effect.run_id)
+            if state is None or not state.awaits(effect.step_id, effect.attempt):
+                return  # the attempt ended (or the run moved to another worker)
             message = ControlMessage(
                 run_id=effect.run_id,
                 command=ControlCommand.STEP_TIMEOUT,
@@ -276,6 +284,10 @@ class RunShell:
                 requested_at=utcnow(),
             )
             await self.control.send(key=effect.run_id.encode(), value=encode(message))
+            # A deadline is the last thing that heals a lost message; if this
+            # one were lost too, the attempt would stay RUNNING for good. So it
+            # fires again until the attempt is seen to end, which forgets it.
+            self.timers.call_at(utcnow() + TIMEOUT_REPEAT, key, action)
 
         return action
 

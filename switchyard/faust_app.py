@@ -28,6 +28,7 @@ from mode import Service
 from yarl import URL
 
 from switchyard.embedded import port_is_open
+from switchyard.faust_recovery import SwitchyardTableManager
 from switchyard.logs import faust_logging_config
 from switchyard.settings import Settings
 
@@ -126,6 +127,8 @@ def app_settings(settings: Settings, *, web_port: int) -> dict[str, Any]:
         "web_port": web_port,
         "web_host": settings.web_host,
         "store": "rocksdb://",
+        # Faust's own recovery can drop events queued while it seeks (see the module).
+        "TableManager": SwitchyardTableManager,
     }
     logging_config = faust_logging_config(settings)
     if logging_config is not None:

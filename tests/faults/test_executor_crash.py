@@ -43,10 +43,17 @@ def assert_one_call_per_attempt(faults: FaultStack, run_ids: list[str], label: s
         f"{figures.line()}: an executor restart must not call an agent twice "
         f"(keys called more than once: {dict(list(figures.repeated_keys.items())[:10])})"
     )
-    assert figures.attempts == attempts_per_run * len(run_ids), (
-        f"{figures.line()}: expected {attempts_per_run} attempts per run; more means an attempt was lost "
-        "and healed only by its deadline"
-    )
+    if figures.attempts != attempts_per_run * len(run_ids):
+        extra = [
+            f"{row.run_id} {row.step_id}/{row.attempt} {row.status} started {row.started_at} "
+            f"deadline {row.deadline} ended {row.completed_at}: {row.error}"
+            for row in faults.attempts(run_ids)
+            if row.attempt > 1 or row.status != "COMPLETED"
+        ]
+        raise AssertionError(
+            f"{figures.line()}: expected {attempts_per_run} attempts per run; more means an attempt was lost "
+            "and healed only by its deadline. Attempts other than a completed first one:\n" + "\n".join(extra[:20])
+        )
 
 
 def test_kill_while_the_next_attempt_waits_in_a_timer(faults: FaultStack) -> None:

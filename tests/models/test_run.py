@@ -920,3 +920,17 @@ def test_failure_result_keeps_the_agent_error():
     assert new.error is not None
     assert new.error.kind == "http_status"
     assert "HTTP 503 from agent" in new.error.message
+
+
+def test_awaits_is_true_only_for_the_latest_unfinished_attempt_of_a_running_run() -> None:
+    state = start(make_plan(2))
+    assert state.awaits("s1", 1)
+    assert not state.awaits("s1", 2), "no such attempt"
+    assert not state.awaits("s2", 1), "step not started"
+
+    after_result, _ = step(state, result(state, at(5)))
+    assert not after_result.awaits("s1", 1), "the attempt has its result"
+    assert after_result.awaits("s2", 1)
+
+    cancelled, _ = step(after_result, cancel(at(6)))
+    assert not cancelled.awaits("s2", 1), "the run is no longer running"

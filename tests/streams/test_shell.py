@@ -27,6 +27,7 @@ from models.messages import (
     MonitoringUpdate,
     WorkflowSubmission,
     decode,
+    utcnow,
 )
 from models.plan import RetryPolicy
 from models.run import (
@@ -36,7 +37,7 @@ from models.run import (
     StepStatus,
     StepTimedOut,
 )
-from streams.shell import RunShell
+from streams.shell import TIMEOUT_REPEAT, RunShell
 from tests.models.run_builders import (
     INPUT,
     RUN_ID,
@@ -384,6 +385,37 @@ async def test_firing_a_timeout_sends_a_step_timeout_control_message(rig: Rig) -
     assert (message.run_id, message.step_id, message.attempt) == (RUN_ID, "s1", 1)
     assert rig.runs == table_before  # the timer only sends an event (rule 2)
     assert len(rig.tasks.sent) == 1
+
+
+async def test_a_timeout_fires_again_until_its_attempt_is_seen_to_end(rig: Rig) -> None:
+    # If the step_timeout message were lost, nothing else would end the attempt.
+    await submit(rig, retry=DELAYED)
+    key = f"timeout:{RUN_ID}/s1/1"
+
+    await rig.timers.fire(key)
+    when, _ = rig.timers.pending[key]
+    assert when > utcnow() + TIMEOUT_REPEAT - timedelta(seconds=5)
+    await rig.timers.fire(key)
+    assert len(rig.control.sent) == 2, "the repeat sends the same step timeout again"
+    assert {decode(ControlMessage, value).attempt for _, value in rig.control.sent} == {1}
+
+    attempt = rig.state().steps["s1"].current
+    assert attempt is not None
+    await rig.shell.handle(StepTimedOut(run_id=RUN_ID, step_id="s1", attempt=1, at=attempt.deadline))
+    assert key not in rig.timers.pending, "the attempt ended: its deadline is forgotten"
+
+
+async def test_a_timeout_whose_attempt_already_ended_sends_nothing(rig: Rig) -> None:
+    await submit(rig)
+    key = f"timeout:{RUN_ID}/s1/1"
+    _, action = rig.timers.pending[key]
+    await rig.shell.handle(result(rig.state(), at(5)))
+    assert key not in rig.timers.pending
+
+    await action()  # a timer that was already due when the result came
+
+    assert rig.control.sent == []
+    assert key not in rig.timers.pending
 
 
 async def test_applying_the_timeout_retries_the_step(rig: Rig) -> None:
