@@ -528,12 +528,9 @@ def _on_result(state: RunState, event: AgentResultReceived) -> _Changed:
 
 
 def _on_timeout(state: RunState, event: StepTimedOut) -> _Changed:
-    if not state.awaits(event.step_id, event.attempt):
-        return state, []
-    step = state.steps[event.step_id]
-    attempt = step.current
-    assert attempt is not None  # awaits() says so
-    if event.at < attempt.deadline:
+    step = state.steps.get(event.step_id)
+    attempt = step.current if step else None
+    if step is None or attempt is None or not state.awaits(event.step_id, event.attempt) or event.at < attempt.deadline:
         return state, []
     timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
     error = AgentError(
