@@ -11,7 +11,7 @@ gets the remembered result instead of calling the agent twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import aiohttp
@@ -87,22 +87,33 @@ class Bridge(Service):
         if self.database is not None:
             await self.database.stop()
 
-    async def execute(self, task: AgentTask) -> AgentResult:
+    async def execute(self, task: AgentTask, delivery: Hashable | None = None) -> AgentResult | None:
         """Carry out one task once per correlation id, and publish its result.
 
-        A repeat that arrives while the call is in flight joins it: the call
-        publishes its result once for both. A repeat that arrives after the
-        call finished gets the remembered result published again: the
-        executor asking again means it may have lost the first one (its table
-        rebuilt from a changelog that missed the result's effect), and a
+        A repeat that arrives while the call is in flight does not call the
+        agent again: a repeat from another message (the executor re-dispatched
+        the attempt after its restart) returns at once, since the call
+        publishes its result when it ends; the same message delivered again
+        waits for it (see :meth:`CallMemory.repeat_in_flight`). A repeat that arrives after
+        the call finished gets the remembered result published again: the
+        executor asking again means it may have lost the first one, and a
         duplicate result is harmless to it. Never raises for a call problem.
+
+        Args:
+            task: The task.
+            delivery: The message it came in (partition, offset), if known.
+
+        Returns:
+            The result, or None for a repeat that returned at once.
         """
         done = self.memory.finished(task.correlation_id)
         if done is not None:
             if self.publish is not None:
                 await self.publish(task, done)
             return done
-        return await self.memory.run(task.correlation_id, lambda: self._execute_and_publish(task))
+        if delivery is not None and self.memory.repeat_in_flight(task.correlation_id, delivery):
+            return None
+        return await self.memory.run(task.correlation_id, lambda: self._execute_and_publish(task), delivery)
 
     async def _execute_and_publish(self, task: AgentTask) -> AgentResult:
         result = await self._execute(task)
@@ -199,7 +210,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
     app.bridge = app.attach(Bridge(settings))
     limit = settings.max_message_bytes
 
-    async def handle(key: bytes | None, value: bytes) -> None:
+    async def handle(key: bytes | None, value: bytes, delivery: tuple[int, int]) -> None:
         try:
             task = decode(AgentTask, value, max_bytes=limit)
         except MessageDecodeError as error:
@@ -207,7 +218,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             record = DeadLetterRecord.of(topics.TASKS, key, value, str(error), APP_ID)
             await app.deadletter_topic.send(key=key or b"", value=encode(record))
             return
-        await app.bridge.execute(task)
+        await app.bridge.execute(task, delivery)
 
     async def publish(task: AgentTask, result: AgentResult) -> None:
         await app.results_topic.send(key=task.run_id.encode(), value=encode(result))
@@ -228,7 +239,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             key = event.key if isinstance(event.key, bytes) else None
             value = event.value if isinstance(event.value, bytes) else b""
             try:
-                await handle(key, value)
+                await handle(key, value, (event.message.partition, event.message.offset))
             except Exception as error:
                 log.exception("could not process a task")
                 record = DeadLetterRecord.of(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 
 from models.messages import AgentResult
 
@@ -29,6 +29,7 @@ class CallMemory:
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self._in_flight: dict[str, asyncio.Future[AgentResult]] = {}
+        self._origin: dict[str, Hashable | None] = {}  # the message that started each call in flight
         self._finished: OrderedDict[str, AgentResult] = OrderedDict()
         self.joined = 0
         self.remembered = 0
@@ -46,8 +47,34 @@ class CallMemory:
             self.remembered += 1
         return done
 
-    async def run(self, correlation_id: str, call: Callable[[], Awaitable[AgentResult]]) -> AgentResult:
-        """Run ``call`` once per correlation id; repeats share its result.
+    def repeat_in_flight(self, correlation_id: str, delivery: Hashable) -> bool:
+        """Whether a call for this id is in flight, started by another message.
+
+        Such a repeat (the executor re-dispatched the attempt after a restart)
+        can return at once: the call publishes its result when it ends, and
+        the repeat must not hold a call slot meanwhile. The message that
+        started the call delivered again (after a rebalance) is not one: it
+        waits in :meth:`run`, so that it stays unacknowledged, and is
+        redelivered after a crash, until the call has ended.
+        """
+        if correlation_id in self._in_flight and self._origin.get(correlation_id) != delivery:
+            self.joined += 1
+            return True
+        return False
+
+    async def run(
+        self,
+        correlation_id: str,
+        call: Callable[[], Awaitable[AgentResult]],
+        delivery: Hashable | None = None,
+    ) -> AgentResult:
+        """Run ``call`` once per correlation id; repeats wait for it and share its result.
+
+        Args:
+            correlation_id: The attempt's id.
+            call: Makes the agent call.
+            delivery: The message that asked (partition and offset), kept for
+                :meth:`repeat_in_flight`.
 
         Returns:
             The result of the one call made for this correlation id.
@@ -66,11 +93,13 @@ class CallMemory:
         # others waiting on it, nor lose its result.
         task = asyncio.ensure_future(call())
         self._in_flight[correlation_id] = task
+        self._origin[correlation_id] = delivery
         task.add_done_callback(lambda done: self._finish(correlation_id, done))
         return await asyncio.shield(task)
 
     def _finish(self, correlation_id: str, task: asyncio.Future[AgentResult]) -> None:
         self._in_flight.pop(correlation_id, None)
+        self._origin.pop(correlation_id, None)
         if task.cancelled() or task.exception() is not None:
             return  # not remembered: a later repeat tries again
         self._finished[correlation_id] = task.result()

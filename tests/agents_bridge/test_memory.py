@@ -272,3 +272,20 @@ async def test_cancelling_the_first_caller_does_not_cancel_the_call() -> None:
     assert agent.calls[CID] == 1
     assert memory.joined == 1
     assert memory.in_flight == 0
+
+
+async def test_a_repeat_in_flight_is_one_from_another_message_only() -> None:
+    memory = CallMemory()
+    agent = Agent(gated=True)
+    assert not memory.repeat_in_flight(CID, (0, 5)), "nothing in flight"
+    first = asyncio.create_task(memory.run(CID, agent.call(CID), (0, 5)))
+    await _until(lambda: memory.in_flight == 1)
+
+    assert memory.repeat_in_flight(CID, (0, 9)), "another message: the executor's re-dispatch"
+    assert not memory.repeat_in_flight(CID, (0, 5)), "the same message again waits in run()"
+    assert memory.joined == 1
+
+    agent.gate.set()
+    await first
+    assert not memory.repeat_in_flight(CID, (0, 9)), "finished: the remembered result answers it"
+    assert agent.calls[CID] == 1
