@@ -136,6 +136,7 @@ class PartitionRecovery:
                 log.info("partitions %s moved away; dropped %d timer(s)", sorted(lost), dropped)
             if gained:
                 await self.heal(gained)
+                await self.ask_again(gained)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -172,6 +173,31 @@ class PartitionRecovery:
                 resumed,
                 len(missing),
             )
+
+    async def ask_again(self, partitions: Iterable[int]) -> None:
+        """Some seconds after :meth:`heal`, send the attempts in flight of ``partitions`` once more.
+
+        Results that reach the results topic around a restart have been seen
+        to go missing (Faust's end of recovery dropped them, see
+        :mod:`switchyard.faust_recovery`); so can the bridge's re-published
+        ones, sent at once by :meth:`heal`. Asked again once things have
+        settled, the bridge answers from its memory (or joins the call still
+        running, or calls again if it forgot), long before the attempt's
+        deadline would heal it with a retry. Half the resume grace, so this
+        comes before the deadlines that passed while the worker was down.
+        A rebalance meanwhile cancels it (the next one heals).
+        """
+        delay = self.app.settings.resume_grace_s / 2
+        if delay <= 0:
+            return
+        await asyncio.sleep(delay)
+        wanted = set(partitions) & self.owned
+        n = self.app.settings.topic_partitions
+        asked = await self.app.shell.resume_all(
+            utcnow(), lambda run_id: partition_of(run_id, n) in wanted, dispatches_only=True
+        )
+        if asked:
+            log.info("partitions %s: asked again for the results of %d attempt(s) in flight", sorted(wanted), asked)
 
     async def _running_in_postgres(self, partitions: set[int], local: set[str]) -> list[str]:
         repo = WorkflowRepository(self.app.database.engine)

@@ -404,12 +404,18 @@ class RunShell:
         record = DeadLetterRecord.of(source_topic, key, payload, reason, self.app_name)
         await self.deadletter.send(key=key or b"", value=encode(record))
 
-    async def resume_all(self, now: datetime, belongs: Callable[[str], bool] | None = None) -> int:
+    async def resume_all(
+        self, now: datetime, belongs: Callable[[str], bool] | None = None, *, dispatches_only: bool = False
+    ) -> int:
         """Re-dispatch and re-arm what the table's RUNNING runs need (after a start or a rebalance).
 
         Args:
             now: The current time.
             belongs: Only runs whose id it accepts (the partitions just gained).
+            dispatches_only: Only send the attempts in flight again (same
+                correlation ids), nothing else: the second pass after a
+                restart, which asks the bridge again for results that were
+                lost on the way in.
 
         Returns:
             How many runs needed something.
@@ -424,6 +430,8 @@ class RunShell:
             except Exception:
                 log.exception("cannot resume run %r: its stored state is unreadable", run_id)
                 continue
+            if dispatches_only:
+                effects = [e for e in effects if isinstance(e, DispatchTask) and e.not_before is None]
             if effects:
                 resumed += 1
                 await self.carry_out(effects)

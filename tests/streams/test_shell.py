@@ -519,6 +519,24 @@ async def test_resume_all_sends_a_delayed_retry_whose_time_has_passed(rig: Rig) 
     assert not any(key.startswith("dispatch:") for key in restarted.timers.pending)
 
 
+async def test_asking_again_sends_only_the_attempts_in_flight(rig: Rig) -> None:
+    # The second pass after a restart: tasks again for dispatched attempts,
+    # nothing for a delayed retry, and no timer touched.
+    state = await submit(rig)
+    await rig.shell.handle(submitted(make_plan(2, retry=DELAYED), run_id="run-2"))
+    await rig.shell.handle(failure(rig.state("run-2"), at(5)))  # run-2's retry is due at(15)
+    restarted = make_rig(runs=rig.runs)
+
+    asked = await restarted.shell.resume_all(at(10), dispatches_only=True)
+
+    assert asked == 1
+    attempt = state.steps["s1"].current
+    assert attempt is not None
+    assert [t.correlation_id for t in restarted.tasks_sent()] == [attempt.correlation_id]
+    assert restarted.timers.calls == []
+    assert restarted.runs == rig.runs
+
+
 async def test_resume_all_skips_finished_runs(rig: Rig) -> None:
     finished = await submit(rig, n_steps=1)
     await rig.shell.handle(result(finished, at(5)))
