@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agents_bridge.app import Bridge
-from models.messages import AgentResult, AgentTask, ResultStatus, utcnow
+from models.messages import AgentResult, AgentTask, utcnow
 from switchyard.settings import Settings
+from tests.models.run_builders import success_for
 
 
 def _task() -> AgentTask:
@@ -42,17 +43,7 @@ class GatedAgent:
     async def execute(self, task: AgentTask) -> AgentResult:
         self.calls.append(task.correlation_id)
         await self.gate.wait()
-        now = utcnow()
-        return AgentResult(
-            correlation_id=task.correlation_id,
-            run_id=task.run_id,
-            step_id=task.step_id,
-            attempt=task.attempt,
-            status=ResultStatus.SUCCESS,
-            output={"ok": True},
-            started_at=now,
-            finished_at=now,
-        )
+        return success_for(task, {"ok": True})
 
     async def publish(self, task: AgentTask, result: AgentResult) -> None:
         self.published.append(result)

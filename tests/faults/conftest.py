@@ -657,6 +657,21 @@ class FaultStack:
         with Session(self.engine) as session:
             return [StepRecord.model_validate(row) for row in session.scalars(query)]
 
+    def submit_waiting_for_a_retry(self, delay_s: float, label: str) -> list[str]:
+        """Submit runs whose step ``a`` (on ``flaky``) failed once and whose second attempt is due ``delay_s`` later.
+
+        Until then that attempt exists only as a timer; returns the run ids once every run has it scheduled.
+        """
+        assert self.stats("flaky")["calls"] == 0, "the flaky agent fails its first requests: one scenario only"
+        plan = chain("flaky", retry={"max_attempts": 3, "initial_delay_s": delay_s, "jitter": 0})
+        run_ids = self.submit(plan, RUNS, label)
+        self.wait_attempts(
+            run_ids,
+            lambda rows: any(r.step_id == "a" and r.attempt == 2 and r.status == "PENDING" for r in rows),
+            "every run's second attempt of step a scheduled",
+        )
+        return run_ids
+
     def wait_attempts(
         self, run_ids: Sequence[str], done: Callable[[list[StepRecord]], bool], what: str, timeout: float = 30.0
     ) -> None:

@@ -59,14 +59,7 @@ def assert_one_call_per_attempt(faults: FaultStack, run_ids: list[str], label: s
 def test_kill_while_the_next_attempt_waits_in_a_timer(faults: FaultStack) -> None:
     # Every first attempt of step a fails retriably (503, one HTTP try); the
     # second is due 6 s later and, until then, exists only as a timer.
-    assert faults.stats("flaky")["calls"] == 0, "the flaky agent fails its first requests: one scenario only"
-    plan = chain("flaky", retry={"max_attempts": 3, "initial_delay_s": 6, "jitter": 0})
-    run_ids = faults.submit(plan, RUNS, "timer")
-    faults.wait_attempts(
-        run_ids,
-        lambda rows: any(r.step_id == "a" and r.attempt == 2 and r.status == "PENDING" for r in rows),
-        "every run's second attempt of step a scheduled",
-    )
+    run_ids = faults.submit_waiting_for_a_retry(6, "timer")
     faults.kill("executor")
     sent = [key for key in faults.calls(run_ids, ["flaky"]) if key.endswith("/a/2")]
     assert not sent, f"{len(sent)} delayed attempts were sent before the kill: the scenario needs a longer delay"

@@ -72,14 +72,7 @@ def test_a_second_executor_joins_and_the_first_leaves(stack: FaultStack) -> None
     stack.ensure_serving()
     # Every first attempt of step a fails; the second is due 30 s later and
     # lives only in the first executor's timers until the partitions move.
-    assert stack.stats("flaky")["calls"] == 0, "the flaky agent fails its first requests: one scenario only"
-    plan = chain("flaky", retry={"max_attempts": 3, "initial_delay_s": 30, "jitter": 0})
-    run_ids = stack.submit(plan, RUNS, "executor rebalance")
-    stack.wait_attempts(
-        run_ids,
-        lambda rows: any(r.step_id == "a" and r.attempt == 2 and r.status == "PENDING" for r in rows),
-        "every run's second attempt of step a scheduled",
-    )
+    run_ids = stack.submit_waiting_for_a_retry(30, "executor rebalance")
     try:
         stack.start_worker("executor-2")
         stack.wait_ready(each=True)

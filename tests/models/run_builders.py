@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import JsonValue
 
-from models.messages import AgentError, AgentResult, ResultStatus
+from models.messages import AgentError, AgentResult, AgentTask, ResultStatus, utcnow
 from models.plan import RetryPolicy, WorkflowPlan
 from models.run import (
     AgentResultReceived,
@@ -148,6 +148,21 @@ def result(
             finished_at=when,
         ),
         at=when,
+    )
+
+
+def success_for(task: AgentTask, output: JsonValue = None) -> AgentResult:
+    """The agent's successful answer to ``task``, now; by default ``{"summary": "out-<step>"}``."""
+    now = utcnow()
+    return AgentResult(
+        correlation_id=task.correlation_id,
+        run_id=task.run_id,
+        step_id=task.step_id,
+        attempt=task.attempt,
+        status=ResultStatus.SUCCESS,
+        output={"summary": f"out-{task.step_id}"} if output is None else output,
+        started_at=now,
+        finished_at=now,
     )
 
 

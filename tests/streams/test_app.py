@@ -51,7 +51,7 @@ from models.run import RunState, RunStatus, StepStatus
 from streams.app import ExecutorApp, create_app
 from switchyard import topics
 from switchyard.settings import Settings
-from tests.models.run_builders import make_plan
+from tests.models.run_builders import make_plan, success_for
 
 RUN_ID = "run-1"
 KEY = RUN_ID.encode()
@@ -174,20 +174,6 @@ async def harness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
 
 def submission(run_id: str = RUN_ID, **plan: Any) -> WorkflowSubmission:
     return WorkflowSubmission(run_id=run_id, plan=make_plan(2, **plan), input={"text": "hello"})
-
-
-def success(task: AgentTask) -> AgentResult:
-    now = utcnow()
-    return AgentResult(
-        correlation_id=task.correlation_id,
-        run_id=task.run_id,
-        step_id=task.step_id,
-        attempt=task.attempt,
-        status=ResultStatus.SUCCESS,
-        output={"summary": f"out-{task.step_id}"},
-        started_at=now,
-        finished_at=now,
-    )
 
 
 async def start_run(h: Harness, run_id: str = RUN_ID, **plan: Any) -> AgentTask:
@@ -380,7 +366,7 @@ async def test_result_advances_the_run(harness: Harness) -> None:
     first = await start_run(h)
 
     async with h.agent("results").test_context() as agent:
-        await h.deliver(agent, KEY, encode(success(first)))
+        await h.deliver(agent, KEY, encode(success_for(first)))
 
     state = h.state()
     assert state.version == 2
@@ -397,7 +383,7 @@ async def test_result_advances_the_run(harness: Harness) -> None:
 async def test_duplicate_result_is_ignored(harness: Harness) -> None:
     h = harness
     first = await start_run(h)
-    raw = encode(success(first))
+    raw = encode(success_for(first))
 
     async with h.agent("results").test_context() as agent:
         await h.deliver(agent, KEY, raw)
@@ -471,7 +457,7 @@ async def test_result_after_cancel_is_ignored(harness: Harness) -> None:
     version = h.state().version
 
     async with h.agent("results").test_context() as agent:
-        await h.deliver(agent, KEY, encode(success(first)))
+        await h.deliver(agent, KEY, encode(success_for(first)))
 
     assert h.state().version == version
     assert h.state().status is RunStatus.CANCELLED
