@@ -9,6 +9,7 @@ bytes, invalid UTF-8, wrong JSON shape, unknown schema version, too large).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ __all__ = [
     "decode",
     "encode",
     "new_run_id",
+    "submission_fingerprint",
     "utcnow",
 ]
 
@@ -128,6 +130,18 @@ class AgentError(BaseModel):
     retriable: bool = False
 
 
+def submission_fingerprint(plan: WorkflowPlan, run_input: dict[str, JsonValue]) -> str:
+    """A stable hash of what a submission asks for (its plan and input, not its time).
+
+    A run_id means one run: a second submission with the same id is the same
+    request again when its fingerprint is equal, and a conflict otherwise.
+    """
+    canonical = json.dumps(
+        {"plan": plan.fingerprint(), "input": run_input}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class WorkflowSubmission(Message):
     """Start a run: what a producer puts on ``orchestrator.plans`` (key = run_id)."""
 
@@ -135,6 +149,10 @@ class WorkflowSubmission(Message):
     plan: WorkflowPlan
     input: dict[str, JsonValue] = Field(default_factory=dict)
     submitted_at: AwareDatetime = Field(default_factory=utcnow)
+
+    def fingerprint(self) -> str:
+        """See :func:`submission_fingerprint`."""
+        return submission_fingerprint(self.plan, self.input)
 
 
 class AgentTask(Message):

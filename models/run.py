@@ -36,6 +36,7 @@ from models.messages import (
     ResultStatus,
     RunId,
     correlation_id,
+    submission_fingerprint,
 )
 from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, check_plan
 
@@ -208,6 +209,9 @@ class RunState(BaseModel):
     status: RunStatus
     plan: WorkflowPlan
     input: dict[str, JsonValue]
+    fingerprint: str | None = Field(
+        None, description="submission_fingerprint of the submission that started the run (a run_id means one run)."
+    )
     defaults: ExecutionDefaults = ExecutionDefaults()
     steps: dict[str, StepState] = Field(default_factory=dict, description="Steps that have started, in order.")
     current_step: str | None = None
@@ -470,8 +474,12 @@ def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]
 
 
 def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
+    fingerprint = submission_fingerprint(event.plan, event.input)
     if state is not None:
-        same = state.plan.fingerprint() == event.plan.fingerprint() and state.input == event.input
+        if state.fingerprint is not None:
+            same = state.fingerprint == fingerprint
+        else:  # a state from before fingerprints were kept
+            same = state.plan.fingerprint() == event.plan.fingerprint() and state.input == event.input
         if same:
             return state, []  # the same submission again: idempotent
         return state, [
@@ -485,6 +493,7 @@ def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
         status=RunStatus.RUNNING,
         plan=event.plan,
         input=event.input,
+        fingerprint=fingerprint,
         defaults=event.defaults,
         created_at=event.at,
         started_at=event.at,

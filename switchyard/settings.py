@@ -40,11 +40,23 @@ class Settings(BaseSettings):
     executor_web_port: int = Field(6066, ge=1, le=65535)
     bridge_web_port: int = Field(6067, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="When set, mutating HTTP endpoints need this bearer token.")
+    api_token_for_reads: bool = Field(
+        False, description="With api_token set, reading endpoints (runs, agents) need the token too."
+    )
 
     # --- streams
     topic_partitions: int = Field(4, ge=1, le=256, description="Partitions of every run-keyed topic and table.")
     bridge_concurrency: int = Field(64, ge=1, le=4096, description="Agent calls in flight per bridge worker.")
-    max_message_bytes: int = Field(1_000_000, ge=1024, description="Larger messages go to the dead-letter topic.")
+    max_message_bytes: int = Field(
+        1_000_000,
+        ge=16_384,
+        le=100_000_000,
+        description=(
+            "Largest record (key + value) any Switchyard process produces or accepts: the producers' request size,"
+            " the topics' max.message.bytes on a real broker, the bridge's cap on an agent's answer, the size"
+            " checks of submissions, run states and dead letters."
+        ),
+    )
 
     # --- steps and agent calls
     default_step_timeout_s: float = Field(300.0, gt=0, le=86_400, description="Deadline of an attempt, by default.")
@@ -54,6 +66,15 @@ class Settings(BaseSettings):
     call_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest single HTTP request to an agent.")
     poll_interval_s: float = Field(0.5, gt=0, le=60, description="GetTask polling interval for tasks still working.")
     registry_cache_ttl_s: float = Field(30.0, ge=0, le=3600, description="How long the bridge trusts a lookup.")
+
+    # --- secrets
+    secrets_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Fernet key that encrypts literal registry secrets at rest; without it only env: references are"
+            " accepted. Secret: never printed."
+        ),
+    )
 
     # --- database
     db_pool_size: int = Field(5, ge=1, le=100)
