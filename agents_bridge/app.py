@@ -26,7 +26,6 @@ from models.messages import (
     AgentError,
     AgentResult,
     AgentTask,
-    DeadLetterRecord,
     ErrorKind,
     MessageDecodeError,
     MonitoringUpdate,
@@ -38,6 +37,7 @@ from models.messages import (
 from switchyard import topics
 from switchyard.database import Database
 from switchyard.faust_app import SwitchyardApp, app_settings
+from switchyard.limits import BoundedSender, DeadLetters, record_size, topic_config
 from switchyard.registry import CachedRegistry, DatabaseRegistry, HttpRegistry, Registry, RegistryError, RegistryStore
 from switchyard.settings import Settings
 
@@ -73,11 +73,15 @@ class Bridge(Service):
         else:
             assert self.database is not None
             await self.database.maybe_start()
-            inner = DatabaseRegistry(RegistryStore(self.database.engine))
+            inner = DatabaseRegistry(RegistryStore(self.database.engine, self.settings))
         self._registry = CachedRegistry(inner, self.settings.registry_cache_ttl_s)
         self._caller = AgentCaller(
             self._session,
-            CallSettings(call_timeout_s=self.settings.call_timeout_s, poll_interval_s=self.settings.poll_interval_s),
+            CallSettings(
+                call_timeout_s=self.settings.call_timeout_s,
+                poll_interval_s=self.settings.poll_interval_s,
+                max_response_bytes=self.settings.max_message_bytes,
+            ),
         )
 
     async def on_stop(self) -> None:
@@ -155,7 +159,32 @@ class Bridge(Service):
                 task, started, ErrorKind.UNKNOWN_AGENT, f"no agent {task.agent_name!r} in the registry", True
             )
         self.calls += 1
-        return await self._caller.call(task, agent)
+        return bounded(await self._caller.call(task, agent), self.settings.max_message_bytes)
+
+
+def bounded(result: AgentResult, limit: int) -> AgentResult:
+    """The result, or, when its record would be over ``limit`` bytes, a final ``output_too_large`` failure.
+
+    The agent's answer fitted the bridge's cap on an HTTP answer, but the
+    result that carries its output does not fit a message: publishing it
+    would fail (and the run would wait for its deadline, then call the agent
+    again). So the attempt fails at once, not retriable, naming both sizes.
+    """
+    size = record_size(result.run_id.encode(), encode(result))
+    if size <= limit:
+        return result
+    message = (
+        f"the agent's output makes a result of {size} bytes, over the limit of {limit} bytes "
+        "(SWITCHYARD_MAX_MESSAGE_BYTES)"
+    )
+    log.warning("%s: %s", result.correlation_id, message)
+    return result.model_copy(
+        update={
+            "status": ResultStatus.FAILURE,
+            "output": None,
+            "error": AgentError(kind=ErrorKind.OUTPUT_TOO_LARGE, message=message, retriable=False),
+        }
+    )
 
 
 def _failure(task: AgentTask, started: Any, kind: str, message: str, retriable: bool) -> AgentResult:
@@ -202,26 +231,28 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
     )
     app.settings = settings
     partitions = settings.topic_partitions
-    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
-    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions)
-    app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
-    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
-    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
+    config = topic_config(settings)
+    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions, config=config)
+    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions, config=config)
+    app.results_topic = app.topic(topics.RESULTS, partitions=partitions, config=config)
+    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions, config=config)
+    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1, config=config)
     app.bridge = app.attach(Bridge(settings))
     limit = settings.max_message_bytes
+    deadletters = DeadLetters(app.deadletter_topic, APP_ID, limit)
+    results = BoundedSender(app.results_topic, topics.RESULTS, limit)
+    monitoring = BoundedSender(app.monitoring_topic, topics.MONITORING, limit)
 
     async def handle(key: bytes | None, value: bytes, delivery: tuple[int, int]) -> None:
         try:
             task = decode(AgentTask, value, max_bytes=limit)
         except MessageDecodeError as error:
-            log.warning("dead letter from %s: %s", topics.TASKS, error)
-            record = DeadLetterRecord.of(topics.TASKS, key, value, str(error), APP_ID)
-            await app.deadletter_topic.send(key=key or b"", value=encode(record))
+            await deadletters.park(topics.TASKS, key, value, str(error))
             return
         await app.bridge.execute(task, delivery)
 
     async def publish(task: AgentTask, result: AgentResult) -> None:
-        await app.results_topic.send(key=task.run_id.encode(), value=encode(result))
+        await results.send(key=task.run_id.encode(), value=encode(result))
         took_ms = (result.finished_at - result.started_at).total_seconds() * 1000
         update = MonitoringUpdate(
             run_id=task.run_id,
@@ -230,7 +261,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             status=f"AGENT_{result.status}",
             detail={"agent": task.agent_name, "took_ms": round(took_ms, 1), "source": "bridge"},
         )
-        await app.monitoring_topic.send(key=task.run_id.encode(), value=encode(update))
+        await monitoring.send(key=task.run_id.encode(), value=encode(update))
 
     app.bridge.publish = publish
 
@@ -242,10 +273,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
                 await handle(key, value, (event.message.partition, event.message.offset))
             except Exception as error:
                 log.exception("could not process a task")
-                record = DeadLetterRecord.of(
-                    topics.TASKS, key, value, f"internal error: {type(error).__name__}: {error}", APP_ID
-                )
-                await app.deadletter_topic.send(key=key or b"", value=encode(record))
+                await deadletters.park(topics.TASKS, key, value, f"internal error: {type(error).__name__}: {error}")
 
     app.agent(app.tasks_topic, name="call_agents", concurrency=settings.bridge_concurrency)(call_agents)
 
@@ -259,8 +287,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
                 log.info("cancel of %s at %s: %s", request.correlation_id, request.agent_name, cancelled)
             except Exception as error:
                 reason = str(error) if isinstance(error, MessageDecodeError) else f"internal error: {error!r}"
-                record = DeadLetterRecord.of(topics.TASK_CANCELS, key, value, reason, APP_ID)
-                await app.deadletter_topic.send(key=key or b"", value=encode(record))
+                await deadletters.park(topics.TASK_CANCELS, key, value, reason)
 
     app.agent(app.cancels_topic, name="cancel_tasks", concurrency=4)(cancel_tasks)
 

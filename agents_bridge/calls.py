@@ -114,7 +114,7 @@ class CallSettings:
     Attributes:
         call_timeout_s: Upper bound of one HTTP request (the deadline may cut it shorter).
         poll_interval_s: Pause between two GetTask polls of a pending task.
-        max_response_bytes: Larger answers are ``malformed_response``.
+        max_response_bytes: Larger answers are a final ``output_too_large`` (``SWITCHYARD_MAX_MESSAGE_BYTES``).
         cancel_timeout_s: Upper bound of a best-effort CancelTask request.
         remembered_tasks: How many correlation id -> agent task id pairs are kept for :meth:`AgentCaller.cancel`.
     """
@@ -325,10 +325,17 @@ class AgentCaller:
             ) as response:
                 status = response.status
                 if 200 <= status <= 299:
-                    payload = await _read_limited(response, self.settings.max_response_bytes)
+                    limit = self.settings.max_response_bytes
+                    payload = await _read_limited(response, limit)
                     if payload is None:
-                        limit = self.settings.max_response_bytes
-                        return Failed(ErrorKind.MALFORMED_RESPONSE.value, f"the answer is larger than {limit} bytes")
+                        # Final: the same agent gives the same answer, and it can never be carried.
+                        size = f" {response.content_length} bytes," if response.content_length else ""
+                        return Failed(
+                            ErrorKind.OUTPUT_TOO_LARGE.value,
+                            f"the agent's answer is{size} over the limit of {limit} bytes "
+                            "(SWITCHYARD_MAX_MESSAGE_BYTES)",
+                            retriable=False,
+                        )
                     rid = request_id if isinstance(request_id, str | int) else None
                     return parse_response(payload, agent.protocol_version, request_id=rid)
                 reason = f"HTTP {status} {response.reason or ''}".strip()

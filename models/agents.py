@@ -2,11 +2,15 @@
 
 Pure data. Secrets are :class:`pydantic.SecretStr` (never printed) and may be
 an environment-variable reference (``"env:NAME"``), resolved only when a call
-is made.
+is made. In the built-in registry's storage a literal secret is held encrypted
+(``"fernet:<token>"``, see :mod:`switchyard.secrets`); the store decrypts it when
+it reads the entry, and one it could not decrypt fails the call (never shown).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from enum import StrEnum
@@ -23,20 +27,63 @@ __all__ = [
     "AgentEntry",
     "AuthKind",
     "CallRetry",
+    "ENCRYPTED_SECRET_PREFIX",
+    "EncryptedSecretError",
     "ProtocolVersion",
     "RecoveryAction",
     "RecoveryPolicy",
+    "SecretForm",
     "SecretReferenceError",
+    "secret_form",
 ]
 
 AGENT_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _ENV_REF: Final = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+ENCRYPTED_SECRET_PREFIX: Final = "fernet:"  # noqa: S105 (a marker, not a password)
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
 ProtocolVersion = Literal["1.0", "0.3"]
 
 
 class SecretReferenceError(ValueError):
-    """A secret names an environment variable that is not set."""
+    """A secret is not there for a call: it names an environment variable that is not set (or is still encrypted)."""
+
+
+class EncryptedSecretError(SecretReferenceError):
+    """A secret is still encrypted: the registry could not decrypt it (no key, or another key)."""
+
+
+class SecretForm(StrEnum):
+    """What a ``secret`` string holds."""
+
+    REFERENCE = "reference"
+    """``env:NAME``: read from the environment at call time; not itself a secret."""
+    ENCRYPTED = "encrypted"
+    """``fernet:<token>``: a literal secret as the registry stores it."""
+    LITERAL = "literal"
+    """The token in clear."""
+
+
+def _is_fernet_token(token: str) -> bool:
+    # The shape of a Fernet token (version byte 0x80, 8-byte time, 16-byte IV,
+    # whole AES blocks, 32-byte HMAC), so that a literal secret that merely
+    # starts with "fernet:" is not taken for one.
+    if not _TOKEN.fullmatch(token):
+        return False
+    try:
+        data = base64.urlsafe_b64decode(token)
+    except (binascii.Error, ValueError):
+        return False
+    return len(data) >= 73 and (len(data) - 57) % 16 == 0 and data[0] == 0x80
+
+
+def secret_form(raw: str) -> SecretForm:
+    """Whether a secret string is a reference, an encrypted secret or a literal one."""
+    if _ENV_REF.match(raw):
+        return SecretForm.REFERENCE
+    if raw.startswith(ENCRYPTED_SECRET_PREFIX) and _is_fernet_token(raw.removeprefix(ENCRYPTED_SECRET_PREFIX)):
+        return SecretForm.ENCRYPTED
+    return SecretForm.LITERAL
 
 
 class AuthKind(StrEnum):
@@ -54,7 +101,8 @@ class AgentAuth(BaseModel):
             sends ``<header>: <secret>``.
         header: The header name for ``api_key`` (default ``X-API-Key``).
         secret: The token itself, or ``env:NAME`` to read it from the
-            environment at call time (the registry then never holds it).
+            environment at call time (the registry then never holds it). The
+            built-in registry stores a literal token as ``fernet:<token>``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,15 +111,32 @@ class AgentAuth(BaseModel):
     header: str = Field("X-API-Key", pattern=r"^[A-Za-z0-9-]{1,100}$")
     secret: SecretStr
 
+    @property
+    def secret_form(self) -> SecretForm:
+        """What :attr:`secret` holds: a reference, an encrypted secret or a literal one."""
+        return secret_form(self.secret.get_secret_value())
+
+    def with_secret(self, secret: str) -> AgentAuth:
+        """The same credentials with another secret string (the registry's encryption and decryption)."""
+        return self.model_copy(update={"secret": SecretStr(secret)})
+
     def resolve_secret(self) -> str:
         """The secret in clear, reading an ``env:NAME`` reference now.
 
         Raises:
             SecretReferenceError: The referenced variable is not set.
+            EncryptedSecretError: The secret is still encrypted (the registry
+                had no key that decrypts it).
         """
         raw = self.secret.get_secret_value()
         match = _ENV_REF.match(raw)
         if match is None:
+            if secret_form(raw) is SecretForm.ENCRYPTED:
+                # The message is about the key: the token itself is never shown.
+                raise EncryptedSecretError(
+                    "the agent's secret is stored encrypted and the registry could not decrypt it:"
+                    " SWITCHYARD_SECRETS_KEY must hold the key it was encrypted with"
+                )
             return raw
         value = os.environ.get(match.group(1))
         if value is None:
@@ -86,7 +151,7 @@ class AgentAuth(BaseModel):
         return {self.header: secret}
 
     def redacted(self) -> dict[str, JsonValue]:
-        """A JSON view safe to show: the secret is replaced unless it is a reference."""
+        """A JSON view safe to show: a reference is shown, any other secret (literal or encrypted) replaced."""
         raw = self.secret.get_secret_value()
         shown = raw if _ENV_REF.match(raw) else "********"
         return {"kind": str(self.kind), "header": self.header, "secret": shown}
@@ -170,8 +235,18 @@ class AgentEntry(BaseModel):
         data["auth"] = self.auth.redacted() if self.auth else None
         return data
 
+    def with_secret(self, secret: str) -> AgentEntry:
+        """The same entry with another secret string (it must have ``auth``)."""
+        if self.auth is None:
+            raise ValueError(f"agent {self.name!r} has no credentials")
+        return self.model_copy(update={"auth": self.auth.with_secret(secret)})
+
     def to_storage(self) -> dict[str, JsonValue]:
-        """A JSON view with the secret in clear: for the registry's own storage only."""
+        """A JSON view with the secret as it is held (in clear unless encrypted): for the registry's storage only.
+
+        :class:`switchyard.registry.RegistryStore` encrypts a literal secret
+        before it stores this.
+        """
         data = self.model_dump(mode="json")
         if self.auth is not None:
             auth = dict(data["auth"])

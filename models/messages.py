@@ -97,6 +97,9 @@ class ErrorKind(StrEnum):
     CONFIGURATION = "configuration"
     BRIDGE_ERROR = "bridge_error"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
+    STATE_TOO_LARGE = "state_too_large"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    UNREADABLE_STATE = "unreadable_state"
 
 
 class ResultStatus(StrEnum):
@@ -247,13 +250,20 @@ class AgentCancel(Message):
 class DeadLetterRecord(Message):
     """Something that could not be processed, on ``orchestrator.deadletter``, with the reason.
 
+    A dead letter is never lost for being large: when the original would not
+    fit in a message, the record keeps its first bytes, its size and its
+    SHA-256 (``truncated`` is then true).
+
     Attributes:
         source_topic: Where it was read from.
-        key: The message key as text (None if it had none).
+        key: The message key as text (None if it had none; its start if very long).
         reason: Why it was parked, in plain words.
-        payload: The original bytes as UTF-8 text when they are text.
-        payload_base64: The original bytes in base64 when they are not text.
+        payload: The original bytes (or their start) as UTF-8 text when they are text.
+        payload_base64: The original bytes (or their start) in base64 when they are not text.
         app: Which app parked it.
+        original_bytes: The size of the original payload.
+        original_sha256: The SHA-256 of the original payload, hex.
+        truncated: Whether ``payload`` / ``payload_base64`` hold only the start of the original.
     """
 
     source_topic: str
@@ -263,23 +273,100 @@ class DeadLetterRecord(Message):
     payload_base64: str | None = None
     app: str
     received_at: AwareDatetime = Field(default_factory=utcnow)
+    original_bytes: int | None = None
+    original_sha256: str | None = None
+    truncated: bool = False
 
     @classmethod
-    def of(cls, source_topic: str, key: bytes | None, payload: bytes, reason: str, app: str) -> DeadLetterRecord:
-        """Describe something that could not be processed, keeping the original bytes."""
+    def of(
+        cls,
+        source_topic: str,
+        key: bytes | None,
+        payload: bytes,
+        reason: str,
+        app: str,
+        *,
+        max_bytes: int | None = None,
+    ) -> DeadLetterRecord:
+        """Describe something that could not be processed, keeping the original bytes.
+
+        Args:
+            source_topic: Where it was read from.
+            key: Its key.
+            payload: Its bytes.
+            reason: Why it is parked.
+            app: Which app parks it.
+            max_bytes: When given, the record's encoding (with :meth:`record_key`)
+                fits in this many bytes: the payload is cut to its start if it must be.
+        """
+        full = cls._build(source_topic, key, payload, reason, app, len(payload))
+        if max_bytes is None or full.fits(max_bytes):
+            return full
+        reason = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 3] + "..."
+        keep = min(len(payload), max_bytes // 2)
+        while True:
+            cut = cls._build(source_topic, key, payload[:keep], reason, app, len(payload), original=payload)
+            if cut.fits(max_bytes) or keep == 0:
+                return cut
+            keep //= 2
+
+    @classmethod
+    def _build(
+        cls,
+        source_topic: str,
+        key: bytes | None,
+        payload: bytes,
+        reason: str,
+        app: str,
+        size: int,
+        *,
+        original: bytes | None = None,
+    ) -> DeadLetterRecord:
         try:
-            text: str | None = payload.decode("utf-8")
+            # A cut may split a UTF-8 sequence; the text that remains is still text.
+            text: str | None = payload.decode("utf-8") if original is None else _text_prefix(payload)
             encoded: str | None = None
         except UnicodeDecodeError:
             text, encoded = None, base64.b64encode(payload).decode()
+        whole = original if original is not None else payload
+        key_text = None if key is None else key[:_KEY_BYTES].decode("utf-8", "replace")
         return cls(
             source_topic=source_topic,
-            key=key.decode("utf-8", "replace") if key is not None else None,
+            key=key_text,
             reason=reason,
             payload=text,
             payload_base64=encoded,
             app=app,
+            original_bytes=size,
+            original_sha256=hashlib.sha256(whole).hexdigest(),
+            truncated=original is not None,
         )
+
+    def record_key(self) -> bytes:
+        """The Kafka key to park it under (the original key, or its start)."""
+        return (self.key or "").encode()
+
+    def fits(self, max_bytes: int) -> bool:
+        """Whether its record (key and JSON value) takes at most ``max_bytes``."""
+        return len(self.record_key()) + len(encode(self)) <= max_bytes
+
+
+_REASON_CHARS = 2000
+_KEY_BYTES = 1024
+
+
+def _text_prefix(payload: bytes) -> str:
+    """The start of a UTF-8 text, without the partial character a cut may leave at its end.
+
+    Raises:
+        UnicodeDecodeError: The bytes are not UTF-8 text.
+    """
+    for trim in range(3):
+        try:
+            return payload[: max(0, len(payload) - trim)].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return payload[: max(0, len(payload) - 3)].decode("utf-8")
 
 
 class MessageDecodeError(ValueError):

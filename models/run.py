@@ -19,9 +19,11 @@ Rules this module keeps (DESIGN.md, rule 5):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
@@ -64,6 +66,9 @@ __all__ = [
     "StepState",
     "StepStatus",
     "StepTimedOut",
+    "dropped",
+    "fail_too_large",
+    "fail_unreadable",
     "resume",
     "transition",
 ]
@@ -594,9 +599,16 @@ def _on_cancel(state: RunState, event: CancelRequested) -> _Changed:
     return state, effects + finish
 
 
+_UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE})
+"""Runs stored without their data (or unreadable): a retry would run on what is left, so it is refused."""
+
+
 def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
     if state.status is not RunStatus.FAILED or state.current_step is None:
         return state, []  # only a run that failed at a step can be retried
+    if state.error is not None and state.error.kind in _UNRETRIABLE_RUN_ERRORS:
+        reason = f"run {state.run_id!r} failed with {state.error.kind}: its data were not kept, so it cannot be retried"
+        return state, [DeadLetter(run_id=state.run_id, reason=reason)]
     step = state.steps.get(state.current_step)
     if step is None or step.status is not StepStatus.FAILED:
         return state, []
@@ -874,3 +886,228 @@ def _finish(
         _monitor(state, at, status, detail=detail),
         RunFinished(run_id=state.run_id, status=status, output=output, error=error),
     ]
+
+
+# ------------------------------------------------- runs that cannot be stored
+
+_KEEP_BYTES = 1024
+"""Values up to this size stay in a reduced state; larger ones are replaced by a note of what they were."""
+
+
+def dropped(value: JsonValue, reason: str) -> dict[str, JsonValue]:
+    """What stands in a reduced state for a value that was dropped: its size, its SHA-256 and why."""
+    raw = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return {"dropped": {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "reason": reason}}
+
+
+def fail_too_large(
+    before: RunState | None, after: RunState, *, size: int, limit: int, at: datetime
+) -> tuple[RunState, list[Effect]]:
+    """The run's next state would be ``size`` bytes, over ``limit``: fail the run instead.
+
+    The failure must be recorded, so the state is stored in a reduced form
+    that fits: large inputs and outputs are replaced by :func:`dropped` notes
+    (then all of them, then the plan's mappings, then the history), and the
+    run is FAILED with kind ``state_too_large`` naming both sizes. What the
+    transition wanted to do (dispatch the next step, ...) is not done; an
+    attempt that was in flight before is cancelled at the agent.
+
+    Args:
+        before: The stored state (None for a new run).
+        after: The state the transition produced (or ``before`` itself when
+            the stored state is already too large).
+        size: The encoded size of ``after``, in bytes.
+        limit: The most a stored state may take.
+        at: The time of the event.
+
+    Returns:
+        The reduced FAILED state and its effects.
+    """
+    error = RunError(
+        kind=ErrorKind.STATE_TOO_LARGE,
+        message=(
+            f"the run's state would be {size} bytes, over the limit of {limit} bytes "
+            "(SWITCHYARD_MAX_MESSAGE_BYTES); the run is stored without its large inputs and outputs"
+        ),
+        step_id=after.current_step,
+        details={"size": size, "limit": limit},
+    )
+    # Above both, so that this record replaces any snapshot PostgreSQL has of either.
+    version = max(after.version, before.version if before is not None else 0) + 1
+    failed = _failed_run(after, error, at).model_copy(update={"version": version})
+    reduced = _reduce(failed, limit, ErrorKind.STATE_TOO_LARGE)
+    return reduced, [*_cancel_in_flight(before, at), *_finish_effects(reduced, at)]
+
+
+def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime) -> tuple[RunState, list[Effect]]:
+    """A stored state that cannot be read (a broken or foreign record): fail the run with the reason.
+
+    What can be read of it is kept (the plan, the input and the times when
+    they are valid), so that the record says which run this was.
+
+    Args:
+        run_id: The run.
+        raw: The stored JSON, decoded as far as it could be (None if not at all).
+        reason: Why it cannot be read.
+        at: Now.
+
+    Returns:
+        A FAILED state of kind ``unreadable_state`` and its effects.
+    """
+    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    try:
+        plan = WorkflowPlan.model_validate(data.get("plan"))
+    except ValueError:
+        plan = _STUB_PLAN
+    stored_input = data.get("input")
+    run_input: dict[str, JsonValue] = stored_input if isinstance(stored_input, dict) else {}
+    version = data.get("version")
+    error = RunError(
+        kind=ErrorKind.UNREADABLE_STATE,
+        message=f"the run's stored state cannot be read, so the run cannot go on: {reason}",
+        details={"reason": reason[:2000]},
+    )
+    try:
+        state = RunState(
+            run_id=run_id,
+            status=RunStatus.FAILED,
+            plan=plan,
+            input=run_input,
+            error=error,
+            created_at=data.get("created_at") or at,
+            started_at=data.get("started_at"),
+            completed_at=at,
+            updated_at=at,
+            # Above the stored snapshot's, so that this record replaces it in PostgreSQL.
+            version=version + 1 if isinstance(version, int) and version >= 1 else _UNKNOWN_VERSION,
+        )
+    except ValueError:
+        state = RunState(
+            run_id=run_id,
+            status=RunStatus.FAILED,
+            plan=plan,
+            input={},
+            error=error,
+            created_at=at,
+            completed_at=at,
+            updated_at=at,
+            version=_UNKNOWN_VERSION,
+        )
+    return state, _finish_effects(state, at)
+
+
+_UNKNOWN_VERSION = 2**53
+"""The version of a record that replaces a snapshot whose version cannot be read: newer than any."""
+
+_STUB_PLAN = WorkflowPlan(
+    workflow_id="(unreadable)",
+    name="(unreadable)",
+    version="0",
+    start_step="unreadable",
+    steps={"unreadable": WorkflowStep(id="unreadable", agent_name="(none)")},
+)
+
+
+def _failed_run(state: RunState, error: RunError, at: datetime) -> RunState:
+    """``state`` FAILED with ``error``; its step still open fails with it (the attempt in flight too)."""
+    steps = dict(state.steps)
+    step = steps.get(state.current_step or "")
+    if step is not None and not step.status.finished:
+        step_error = AgentError(kind=error.kind, message=error.message[:10_000], retriable=False)
+        attempts = step.attempts
+        current = step.current
+        if current is not None and not current.status.finished:
+            current = current.model_copy(update={"status": StepStatus.FAILED, "finished_at": at, "error": step_error})
+            attempts = (*attempts[:-1], current)
+        steps[step.step_id] = step.model_copy(
+            update={
+                "status": StepStatus.FAILED,
+                "attempts": attempts,
+                "error": step_error,
+                "next_attempt_at": None,
+                "completed_at": at,
+            }
+        )
+    return state.model_copy(
+        update={
+            "steps": steps,
+            "status": RunStatus.FAILED,
+            "output": None,
+            "error": error,
+            "completed_at": at,
+            "updated_at": max(at, state.updated_at),
+        }
+    )
+
+
+def _cancel_in_flight(state: RunState | None, at: datetime) -> list[Effect]:
+    """Cancel the agent's task of the attempt ``state`` awaits, if it was sent."""
+    if state is None or state.status is not RunStatus.RUNNING or state.current_step is None:
+        return []
+    step = state.steps.get(state.current_step)
+    attempt = step.current if step else None
+    if step is None or attempt is None or attempt.status.finished or attempt.dispatch_at > at:
+        return []
+    return [
+        CancelAgentTask(
+            run_id=state.run_id,
+            step_id=step.step_id,
+            attempt=attempt.number,
+            correlation_id=attempt.correlation_id,
+            agent_name=attempt.agent_name,
+        )
+    ]
+
+
+def _finish_effects(state: RunState, at: datetime) -> list[Effect]:
+    error = state.error
+    detail: dict[str, JsonValue] = {}
+    if error is not None:
+        detail = {"error": error.message, "kind": error.kind, "step_id": error.step_id}
+    return [
+        _monitor(state, at, state.status, detail=detail),
+        RunFinished(run_id=state.run_id, status=state.status, output=state.output, error=error),
+        Checkpoint(state=state),
+    ]
+
+
+def _encoded_size(state: RunState) -> int:
+    return len(state.model_dump_json().encode()) + len(state.run_id.encode())
+
+
+def _reduce(state: RunState, limit: int, reason: str) -> RunState:
+    """``state`` made to fit in ``limit`` bytes, giving up as little as it can."""
+    for keep in (_KEEP_BYTES, 0):
+        state = _drop_values(state, keep, reason)
+        if _encoded_size(state) <= limit:
+            return state
+    plan = state.plan.model_copy(
+        update={"steps": {k: s.model_copy(update={"input_mapping": {}}) for k, s in state.plan.steps.items()}}
+    )
+    state = state.model_copy(update={"plan": plan})
+    if _encoded_size(state) <= limit:
+        return state
+    # The plan alone is too large: keep the run's identity and its error.
+    stub = state.plan.model_copy(update={"description": None, "start_step": "unreadable", "steps": _STUB_PLAN.steps})
+    return state.model_copy(update={"plan": stub, "steps": {}, "current_step": None})
+
+
+def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
+    """Replace inputs and outputs larger than ``keep`` bytes by a note of what they were."""
+
+    def small(value: JsonValue) -> JsonValue:
+        if value is None:
+            return None
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+        return value if size <= keep else dropped(value, reason)
+
+    steps = {}
+    for step_id, step in state.steps.items():
+        attempts = tuple(
+            a.model_copy(update={"input": small(a.input), "output": small(a.output)}) for a in step.attempts
+        )
+        steps[step_id] = step.model_copy(update={"attempts": attempts, "output": small(step.output)})
+    run_input = state.input
+    if run_input and len(json.dumps(run_input, ensure_ascii=False).encode("utf-8", "surrogatepass")) > keep:
+        run_input = dropped(run_input, reason)
+    return state.model_copy(update={"steps": steps, "input": run_input, "output": small(state.output)})

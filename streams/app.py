@@ -47,6 +47,7 @@ from switchyard import topics
 from switchyard.database import Database
 from switchyard.db import WorkflowRepository
 from switchyard.faust_app import SwitchyardApp, app_settings
+from switchyard.limits import topic_config
 from switchyard.registry import CachedRegistry, DatabaseRegistry, RegistryStore
 from switchyard.settings import Settings
 
@@ -84,6 +85,11 @@ class ExecutorApp(SwitchyardApp):
         await super().on_first_start()
 
 
+_MAX_KEY_BYTES = 1024
+"""Keys are run ids (at most 128 characters); a longer key is not a run's."""
+_MESSAGE_TYPES = {topics.PLANS: "WorkflowSubmission", topics.RESULTS: "AgentResult", topics.CONTROL: "ControlMessage"}
+
+
 class _Records:
     """PostgreSQL's view of runs for the shell; the engine exists once the worker has started."""
 
@@ -107,7 +113,7 @@ class _Registry:
         self._database = database
 
     async def get(self, name: str) -> AgentEntry | None:
-        return await DatabaseRegistry(RegistryStore(self._database.engine)).get(name)
+        return await DatabaseRegistry(RegistryStore(self._database.engine, self._database.settings)).get(name)
 
 
 def _event_from_control(message: ControlMessage) -> Event:
@@ -139,14 +145,22 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     )
     app.settings = settings
     partitions = settings.topic_partitions
-    app.plans_topic = app.topic(topics.PLANS, partitions=partitions)
-    app.results_topic = app.topic(topics.RESULTS, partitions=partitions)
-    app.control_topic = app.topic(topics.CONTROL, partitions=partitions)
-    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions)
-    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions)
-    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions)
-    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1)
-    app.runs = app.Table(topics.RUNS_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=partitions)
+    config = topic_config(settings)
+    app.plans_topic = app.topic(topics.PLANS, partitions=partitions, config=config)
+    app.results_topic = app.topic(topics.RESULTS, partitions=partitions, config=config)
+    app.control_topic = app.topic(topics.CONTROL, partitions=partitions, config=config)
+    app.tasks_topic = app.topic(topics.TASKS, partitions=partitions, config=config)
+    app.cancels_topic = app.topic(topics.TASK_CANCELS, partitions=partitions, config=config)
+    app.monitoring_topic = app.topic(topics.MONITORING, partitions=partitions, config=config)
+    app.deadletter_topic = app.topic(topics.DEADLETTER, partitions=1, config=config)
+    app.runs = app.Table(
+        topics.RUNS_TABLE,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+        extra_topic_configs=config,
+    )
 
     app.database = app.attach(Database(settings))
     app.checkpointer = app.attach(
@@ -171,6 +185,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         default_timeout_s=settings.default_step_timeout_s,
         resume_grace_s=settings.resume_grace_s,
         app_name=APP_ID,
+        max_message_bytes=settings.max_message_bytes,
     )
     limit = settings.max_message_bytes
 
@@ -183,6 +198,10 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
                 # its run's state on another worker (rule 1).
                 await _rekey(app, source, value)
                 return
+            if len(value) > limit or len(key) > _MAX_KEY_BYTES:
+                # Checked before the event is moved or re-keyed: a copy over the limit could not be sent.
+                what = f"payload of {len(value)} bytes" if len(value) > limit else f"key of {len(key)} bytes"
+                raise MessageDecodeError(_MESSAGE_TYPES.get(source, "message"), f"{what} is over the limit of {limit}")
             expected = partition_of(key.decode("utf-8", "replace"), partitions)
             if event.message.partition != expected:
                 # A producer with another partitioner (librdkafka's default is
@@ -195,7 +214,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
             await handler(key, value)
         except MessageDecodeError as error:
             await app.shell.park(source, key, value, str(error))
-            if source == topics.PLANS and len(value) <= limit:
+            if source == topics.PLANS:
                 try:
                     await app.shell.reject(key, value, error.reason)
                 except Exception:

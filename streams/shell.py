@@ -17,12 +17,13 @@ from collections.abc import Callable, MutableMapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeAlias
 
+from pydantic import ValidationError
+
 from models.messages import (
     RUN_ID_PATTERN,
     AgentCancel,
     ControlCommand,
     ControlMessage,
-    DeadLetterRecord,
     ErrorKind,
     WorkflowSubmission,
     encode,
@@ -46,13 +47,15 @@ from models.run import (
     RunSubmitted,
     ScheduleTimeout,
     event_run_id,
+    fail_too_large,
+    fail_unreadable,
     resume,
     transition,
 )
+from switchyard.limits import BoundedSender, DeadLetters, record_size
+from switchyard.registry import Registry, RegistryError
 
 __all__ = ["TIMEOUT_REPEAT", "Origin", "RunRecords", "RunShell", "Sender"]
-
-from switchyard.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,24 @@ class _Timers(Protocol):
 
     def cancel(self, key: str) -> None: ...
 
+    def cancel_where(self, matches: Callable[[str], bool]) -> int: ...
+
+
+class _Unusable(Exception):
+    """A stored state the shell cannot go on from.
+
+    Attributes:
+        raw: The stored bytes.
+        state: The state, when it could be read (then it is too large).
+        reason: Why it cannot be read, when it could not.
+    """
+
+    def __init__(self, raw: bytes, state: RunState | None, reason: str | None) -> None:
+        super().__init__(reason or "the stored state is over the size limit")
+        self.raw = raw
+        self.state = state
+        self.reason = reason
+
 
 class RunShell:
     """Applies events to runs and carries out the effects.
@@ -117,6 +138,9 @@ class RunShell:
         default_timeout_s: The global default deadline of an attempt.
         resume_grace_s: After a restart, the least time before a passed deadline fires.
         app_name: Names this app in dead letters.
+        max_message_bytes: The most a record may take (``SWITCHYARD_MAX_MESSAGE_BYTES``):
+            a state over it fails its run (``state_too_large``) instead of being
+            stored, and no send goes over it.
     """
 
     def __init__(
@@ -135,13 +159,15 @@ class RunShell:
         default_timeout_s: float = 300.0,
         resume_grace_s: float = 0.0,
         app_name: str = "switchyard-executor",
+        max_message_bytes: int = 1_000_000,
     ) -> None:
         self.runs = runs
-        self.tasks = tasks
-        self.cancels = cancels
-        self.control = control
-        self.monitoring = monitoring
-        self.deadletter = deadletter
+        self.limit = max_message_bytes
+        self.tasks = BoundedSender(tasks, "tasks", max_message_bytes)
+        self.cancels = BoundedSender(cancels, "task cancels", max_message_bytes)
+        self.control = BoundedSender(control, "control", max_message_bytes)
+        self.monitoring = BoundedSender(monitoring, "monitoring", max_message_bytes)
+        self.deadletters = DeadLetters(deadletter, app_name, max_message_bytes)
         self.checkpoints = checkpoints
         self.timers = timers
         self.records = records
@@ -152,29 +178,88 @@ class RunShell:
         self.applied = 0
         self.ignored = 0
         self.effect_failures = 0
+        self.failed_stored = 0
 
     # ------------------------------------------------------------ the table
 
     def load(self, run_id: str) -> RunState | None:
-        """The stored state of a run, or None."""
-        raw = self.runs.get(run_id.encode())
-        return None if raw is None else RunState.model_validate_json(raw)
+        """The stored state of a run, or None (also when it cannot be read: see :meth:`apply`)."""
+        try:
+            return self._read(run_id.encode())
+        except _Unusable:
+            return None
+
+    def _read(self, key: bytes) -> RunState | None:
+        """The stored state, strictly.
+
+        Raises:
+            _Unusable: It is over the size limit (from an earlier version or
+                setting) or cannot be read.
+        """
+        raw = self.runs.get(key)
+        if raw is None:
+            return None
+        try:
+            state = RunState.model_validate_json(raw)
+        except (ValidationError, ValueError) as error:
+            raise _Unusable(raw, None, f"{type(error).__name__}: {str(error)[:500]}") from None
+        if record_size(key, raw) > self.limit:
+            raise _Unusable(raw, state, None)
+        return state
 
     def apply(self, event: Event) -> list[Effect]:
         """Read, transition and write one run. No ``await``: never interleaved.
+
+        A state that would be over the size limit is never written: the run
+        fails with ``state_too_large`` and is stored in a reduced form that
+        fits. A stored state that cannot be used (too large, unreadable) fails
+        its run with the reason, whatever the event.
 
         Returns:
             The effects to carry out.
         """
         run_id = event_run_id(event)
-        state = self.load(run_id)
+        key = run_id.encode()
+        try:
+            state = self._read(key)
+        except _Unusable as unusable:
+            return self._fail_stored(run_id, unusable, event.at)
         new, effects = transition(state, event)
         if new is not None and new is not state:
-            self.runs[run_id.encode()] = new.model_dump_json().encode()
+            raw = new.model_dump_json().encode()
+            size = record_size(key, raw)
+            if size > self.limit:
+                log.warning(
+                    "run %s: its next state is %d bytes, over the limit of %d; failing it", run_id, size, self.limit
+                )
+                new, effects = fail_too_large(state, new, size=size, limit=self.limit, at=event.at)
+                raw = new.model_dump_json().encode()
+            self.runs[key] = raw
             self.applied += 1
             self._forget_timers(state, new)
         elif not effects:
             self.ignored += 1
+        return effects
+
+    def _fail_stored(self, run_id: str, unusable: _Unusable, at: datetime) -> list[Effect]:
+        """Fail a run whose stored state cannot be used, and store the failure (no ``await``)."""
+        key = run_id.encode()
+        if unusable.state is not None:
+            size = record_size(key, unusable.raw)
+            log.warning(
+                "run %s: its stored state is %d bytes, over the limit of %d; failing it", run_id, size, self.limit
+            )
+            new, effects = fail_too_large(unusable.state, unusable.state, size=size, limit=self.limit, at=at)
+        else:
+            log.warning("run %s: its stored state cannot be read (%s); failing it", run_id, unusable.reason)
+            try:
+                raw: Any = json.loads(unusable.raw)
+            except ValueError:
+                raw = None
+            new, effects = fail_unreadable(run_id, raw, unusable.reason or "unreadable", at)
+        self.runs[key] = new.model_dump_json().encode()
+        self.failed_stored += 1
+        self.timers.cancel_where(lambda timer: timer.split(":", 1)[-1].startswith(f"{run_id}/"))
         return effects
 
     def _forget_timers(self, old: RunState | None, new: RunState) -> None:
@@ -239,11 +324,7 @@ class RunShell:
             if origin is not None:
                 await self.park(*origin, effect.reason)
             else:
-                log.warning("dead letter for run %s: %s", effect.run_id, effect.reason)
-                record = DeadLetterRecord(
-                    source_topic="(executor)", key=effect.run_id, reason=effect.reason, app=self.app_name
-                )
-                await self.deadletter.send(key=effect.run_id.encode(), value=encode(record))
+                await self.deadletters.note(effect.run_id, effect.reason)
         elif isinstance(effect, CancelAgentTask):
             # The bridge sends the agent a CancelTask where it can; a late
             # result is ignored by the state machine either way.
@@ -369,14 +450,24 @@ class RunShell:
             run_id,
             kind=ErrorKind.INVALID_SUBMISSION,
             message=f"the submission could not be read: {reason}",
-            plan=raw.get("plan"),
+            # An oversize plan is not copied into the record (the dead letter keeps its start).
+            plan=raw.get("plan") if len(payload) <= self.limit else None,
         )
 
     async def restore_or_resume(self, run_id: str, origin: Origin | None = None) -> bool:
-        """A ``restore``/``resume`` request: rebuild from PostgreSQL if the table lacks the run, else kick it."""
+        """A ``restore``/``resume`` request: rebuild from PostgreSQL if the table lacks the run, else kick it.
+
+        A checkpoint that cannot be read fails the run with the reason (it
+        would fail the same way at every restart).
+        """
         snapshot = None
-        if self.load(run_id) is None:
-            snapshot = await asyncio.to_thread(self.records.get_state, run_id)
+        if run_id.encode() not in self.runs:
+            try:
+                snapshot = await asyncio.to_thread(self.records.get_state, run_id)
+            except ValidationError as error:
+                reason = f"its checkpoint in PostgreSQL cannot be read: {str(error)[:500]}"
+                await self.carry_out(self._fail_stored(run_id, _Unusable(b"", None, reason), utcnow()), origin)
+                return True
         return await self.restore(run_id, snapshot, origin)
 
     async def restore(self, run_id: str, snapshot: RunState | None, origin: Origin | None = None) -> bool:
@@ -389,7 +480,11 @@ class RunShell:
         Returns:
             Whether there was anything to restore or resume.
         """
-        state = self.load(run_id)
+        try:
+            state = self._read(run_id.encode())
+        except _Unusable as unusable:
+            await self.carry_out(self._fail_stored(run_id, unusable, utcnow()), origin)
+            return True
         if state is not None:
             await self.carry_out(resume(state, utcnow(), self.resume_grace_s), origin)
             return True
@@ -399,10 +494,8 @@ class RunShell:
         return True
 
     async def park(self, source_topic: str, key: bytes | None, payload: bytes, reason: str) -> None:
-        """Send an unprocessable message to the dead-letter topic with the reason."""
-        log.warning("dead letter from %s (key %r): %s", source_topic, key, reason)
-        record = DeadLetterRecord.of(source_topic, key, payload, reason, self.app_name)
-        await self.deadletter.send(key=key or b"", value=encode(record))
+        """Send an unprocessable message to the dead-letter topic with the reason (cut to fit if it must be)."""
+        await self.deadletters.park(source_topic, key, payload, reason)
 
     async def resume_all(
         self, now: datetime, belongs: Callable[[str], bool] | None = None, *, dispatches_only: bool = False
@@ -421,15 +514,23 @@ class RunShell:
             How many runs needed something.
         """
         resumed = 0
-        for key, raw in list(self.runs.items()):
+        for key in list(self.runs.keys()):
             run_id = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             if belongs is not None and not belongs(run_id):
                 continue
             try:
-                effects = resume(RunState.model_validate_json(raw), now, self.resume_grace_s)
-            except Exception:
-                log.exception("cannot resume run %r: its stored state is unreadable", run_id)
+                state = self._read(key if isinstance(key, bytes) else run_id.encode())
+            except _Unusable as unusable:
+                # Tables are written by the agents only: ask the control agent
+                # to fail the run, with the reason.
+                log.warning("run %s cannot be resumed (%s); asking to fail it", run_id, unusable)
+                message = ControlMessage(run_id=run_id, command=ControlCommand.RESTORE, reason=str(unusable)[:2000])
+                await self.control.send(key=run_id.encode(), value=encode(message))
+                resumed += 1
                 continue
+            if state is None:
+                continue
+            effects = resume(state, now, self.resume_grace_s)
             if dispatches_only:
                 effects = [e for e in effects if isinstance(e, DispatchTask) and e.not_before is None]
             if effects:

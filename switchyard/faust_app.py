@@ -29,6 +29,7 @@ from yarl import URL
 
 from switchyard.embedded import port_is_open
 from switchyard.faust_recovery import SwitchyardTableManager
+from switchyard.limits import kafka_sizes
 from switchyard.logs import faust_logging_config
 from switchyard.settings import Settings
 
@@ -129,6 +130,8 @@ def app_settings(settings: Settings, *, web_port: int) -> dict[str, Any]:
         "store": "rocksdb://",
         # Faust's own recovery can drop events queued while it seeks (see the module).
         "TableManager": SwitchyardTableManager,
+        # No record over SWITCHYARD_MAX_MESSAGE_BYTES is sent (switchyard.limits), and every one fits a request.
+        **kafka_sizes(settings),
     }
     logging_config = faust_logging_config(settings)
     if logging_config is not None:

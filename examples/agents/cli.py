@@ -6,7 +6,7 @@ Flags (each with an environment default ``EXAMPLE_AGENT_<FLAG>``, e.g.
 
 ``--host`` (127.0.0.1), ``--port`` (the agent's usual port; 0 picks a free
 one), ``--protocol 1.0|0.3|both``, ``--public-url``, ``--slow S``,
-``--working``, ``--input-required``, ``--fail-times N``, ``--fail-scope
+``--working``, ``--input-required``, ``--pad-output N``, ``--fail-times N``, ``--fail-scope
 message|global``, ``--fail-status CODE``, ``--retry-after VALUE``,
 ``--always-5xx``, ``--malformed``, ``--auth-token-env VAR`` (the token is read
 from that variable, never from the command line), ``--auth-header NAME``,
@@ -54,6 +54,7 @@ def _parser(spec: AgentSpec) -> argparse.ArgumentParser:
     add("--slow", type=float, default=float(_env("SLOW") or 0), help="seconds the work takes")
     add("--working", action="store_true", default=_env_flag("WORKING"), help="answer at once, complete later")
     add("--input-required", action="store_true", default=_env_flag("INPUT_REQUIRED"))
+    add("--pad-output", type=int, default=int(_env("PAD_OUTPUT") or 0), help="add N bytes of padding to outputs")
     add("--fail-times", type=int, default=int(_env("FAIL_TIMES") or 0), help="fail the first N SendMessage requests")
     add("--fail-scope", choices=["message", "global"], default=_env("FAIL_SCOPE", "message"))
     add("--fail-status", type=int, default=int(_env("FAIL_STATUS") or 503), help="HTTP status of those failures")
@@ -84,6 +85,7 @@ def parse_args(spec: AgentSpec, argv: Sequence[str] | None = None) -> AgentConfi
         slow_s=args.slow,
         working=args.working,
         input_required=args.input_required,
+        pad_output_bytes=args.pad_output,
         fail_times=args.fail_times,
         fail_scope=args.fail_scope,
         fail_status=args.fail_status,

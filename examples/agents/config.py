@@ -38,6 +38,7 @@ class AgentConfig:
         slow_s: Seconds the work takes.
         working: Answer SendMessage at once; the task completes ``slow_s`` later.
         input_required: Stop every task in INPUT_REQUIRED.
+        pad_output_bytes: Add a ``padding`` string of this many bytes to every output (answers too large).
         fail_times: Fail the first N SendMessage requests (per message id, or all of them).
         fail_scope: ``message`` (per message id) or ``global``.
         fail_status: The HTTP status of those failures.
@@ -55,6 +56,7 @@ class AgentConfig:
     slow_s: float = 0.0
     working: bool = False
     input_required: bool = False
+    pad_output_bytes: int = 0
     fail_times: int = 0
     fail_scope: Literal["message", "global"] = "message"
     fail_status: int = 503

@@ -30,10 +30,12 @@ class Behaviour:
     Attributes:
         work_s: Seconds the work takes (``--slow``).
         input_required: Ask for more input instead of working (``--input-required``).
+        pad_bytes: Add a ``padding`` string of this many bytes to the output (``--pad-output``).
     """
 
     work_s: float = 0.0
     input_required: bool = False
+    pad_bytes: int = 0
 
 
 def message_input(context: RequestContext) -> dict[str, Any]:
@@ -80,6 +82,8 @@ class SkillExecutor(AgentExecutor):
         except SkillInputError as error:
             await updater.failed(updater.new_agent_message([new_text_part(str(error))]))
             return
+        if self.behaviour.pad_bytes > 0:
+            output = {**output, "padding": "x" * self.behaviour.pad_bytes}
         await updater.add_artifact([new_data_part(output)], name="result")
         await updater.complete()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,13 +166,17 @@ async def test_malformed_answer(start: StartAgent, caller: AgentCaller) -> None:
     assert agent.stats.calls == 1
 
 
-async def test_an_answer_over_the_size_limit_is_malformed(start: StartAgent, session: aiohttp.ClientSession) -> None:
+async def test_an_answer_over_the_size_limit_is_a_final_output_too_large(
+    start: StartAgent, session: aiohttp.ClientSession
+) -> None:
     agent = await start()
     small = AgentCaller(session, CallSettings(max_response_bytes=100))
     result = await small.call(make_task(), entry(agent))
     assert result.error is not None
-    assert result.error.kind == "malformed_response"
-    assert "larger than 100 bytes" in result.error.message
+    assert result.error.kind == "output_too_large"
+    assert re.search(r"the agent's answer is \d+ bytes, over the limit of 100 bytes", result.error.message)
+    assert not result.error.retriable
+    assert agent.stats.calls == 1  # not asked again: the same agent would give the same answer
 
 
 async def test_input_required(start: StartAgent, caller: AgentCaller) -> None:

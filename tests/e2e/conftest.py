@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from models.agents import AgentEntry, ProtocolVersion
 from switchyard.database import connect
 from switchyard.registry import RegistryStore
+from switchyard.secrets import generate_key
 from switchyard.settings import Settings
 from switchyard.stack import Stack, http_json
 
 API_TOKEN = "e2e-secret-token"
+SECRETS_KEY = generate_key()
+"""The stack's SWITCHYARD_SECRETS_KEY: literal registry secrets are stored encrypted with it."""
 
 
 def free_port() -> int:
@@ -48,7 +52,7 @@ class RunningStack:
         return dict(body)
 
     def register(self, entry: AgentEntry) -> None:
-        RegistryStore(self.engine).put(entry)
+        RegistryStore(self.engine, self.settings).put(entry)
 
     def run(self, coro: Any) -> Any:
         return asyncio.run(coro)
@@ -80,6 +84,7 @@ def e2e(server_dirs: Callable[[str], Path]) -> Iterator[RunningStack]:
         topic_partitions=4,
         default_step_timeout_s=20,
         call_timeout_s=10,
+        secrets_key=SecretStr(SECRETS_KEY),
     )
     stack = Stack(settings, root)
     ports = {name: free_port() for name in AGENTS}
@@ -90,8 +95,10 @@ def e2e(server_dirs: Callable[[str], Path]) -> Iterator[RunningStack]:
             name: stack.start_agent(module, *flags, port=ports[name], name=f"agent-{name}")
             for name, (module, flags) in AGENTS.items()
         }
-        executor = stack.start_worker("streams.app", SWITCHYARD_API_TOKEN=API_TOKEN)
-        bridge = stack.start_worker("agents_bridge.app", SWITCHYARD_REGISTRY_CACHE_TTL_S="0")
+        executor = stack.start_worker("streams.app", SWITCHYARD_API_TOKEN=API_TOKEN, SWITCHYARD_SECRETS_KEY=SECRETS_KEY)
+        bridge = stack.start_worker(
+            "agents_bridge.app", SWITCHYARD_REGISTRY_CACHE_TTL_S="0", SWITCHYARD_SECRETS_KEY=SECRETS_KEY
+        )
         for name, process in processes.items():
             stack.wait_port(ports[name], process)
         running = RunningStack(stack=stack, settings=settings, engine=engine, agent_ports=ports)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from sqlalchemy import text
 
 from models.messages import DeadLetterRecord, WorkflowSubmission, decode, encode, new_run_id
 from models.plan import load_plan
@@ -334,6 +335,10 @@ def test_registry_over_http(e2e: RunningStack) -> None:
     status, shown = http_json("GET", url)
     assert status == 200
     assert shown["auth"]["secret"] == "********"
+    with e2e.engine.connect() as conn:  # encrypted at rest, not in clear anywhere in the row
+        row = conn.execute(text("SELECT agents::text FROM agents WHERE name = 'temp-agent'")).scalar_one()
+    assert "do-not-show" not in row
+    assert "fernet:" in row
     bad = urllib.request.Request(
         url, data=json.dumps({"url": "file:///etc/passwd"}).encode(), method="PUT", headers=AUTH
     )

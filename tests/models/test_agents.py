@@ -6,12 +6,25 @@ import json
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
-from models.agents import AgentAuth, AgentEntry, AuthKind, CallRetry, RecoveryAction, SecretReferenceError
+from models.agents import (
+    AgentAuth,
+    AgentEntry,
+    AuthKind,
+    CallRetry,
+    EncryptedSecretError,
+    RecoveryAction,
+    SecretForm,
+    SecretReferenceError,
+    secret_form,
+)
 
 SECRET = "tok-9f2c1e7a-never-print-me"
 ENV_NAME = "SWITCHYARD_TEST_AGENT_TOKEN"
+# What the registry stores for a literal secret (switchyard.secrets makes these).
+ENCRYPTED = "fernet:" + Fernet(Fernet.generate_key()).encrypt(SECRET.encode()).decode()
 
 
 def _entry(**fields: Any) -> AgentEntry:
@@ -229,3 +242,57 @@ def test_to_storage_without_auth_round_trips() -> None:
     stored = entry.to_storage()
     assert stored["auth"] is None
     assert AgentEntry.model_validate(stored) == entry
+
+
+# ------------------------------------------------------------------ encrypted secrets (the registry's storage)
+
+
+@pytest.mark.parametrize(
+    ("secret", "form"),
+    [
+        (f"env:{ENV_NAME}", SecretForm.REFERENCE),
+        (ENCRYPTED, SecretForm.ENCRYPTED),
+        (SECRET, SecretForm.LITERAL),
+        ("fernet:", SecretForm.LITERAL),
+        ("fernet:not-a-token", SecretForm.LITERAL),
+        ("fernet:" + "A" * 100, SecretForm.LITERAL),  # base64, but not the shape of a Fernet token
+        (ENCRYPTED[:-4], SecretForm.LITERAL),
+        (ENCRYPTED.upper(), SecretForm.LITERAL),
+        ("FERNET:" + ENCRYPTED.removeprefix("fernet:"), SecretForm.LITERAL),
+        (ENCRYPTED + " ", SecretForm.LITERAL),
+        (ENCRYPTED + "\n", SecretForm.LITERAL),
+    ],
+)
+def test_secret_form(secret: str, form: SecretForm) -> None:
+    assert secret_form(secret) is form
+    assert AgentAuth.model_validate({"kind": "bearer", "secret": secret}).secret_form is form
+
+
+def test_an_encrypted_secret_is_never_sent_and_the_error_holds_no_token() -> None:
+    auth = AgentAuth.model_validate({"kind": "bearer", "secret": ENCRYPTED})
+    with pytest.raises(EncryptedSecretError) as caught:
+        auth.headers()
+    assert isinstance(caught.value, SecretReferenceError)  # the bridge's configuration failure
+    assert "SWITCHYARD_SECRETS_KEY" in str(caught.value)
+    assert ENCRYPTED.removeprefix("fernet:") not in str(caught.value)
+
+
+def test_redacted_hides_an_encrypted_secret() -> None:
+    entry = _entry(auth={"kind": "api_key", "secret": ENCRYPTED})
+    assert entry.redacted()["auth"] == {"kind": "api_key", "header": "X-API-Key", "secret": "********"}
+    for text in (json.dumps(entry.redacted()), repr(entry), str(entry), entry.model_dump_json()):
+        assert ENCRYPTED.removeprefix("fernet:") not in text
+
+
+def test_with_secret_changes_only_the_secret() -> None:
+    entry = _entry(auth={"kind": "api_key", "header": "X-Token", "secret": SECRET}, timeout_s=3)
+    sealed = entry.with_secret(ENCRYPTED)
+    assert sealed.auth is not None
+    assert sealed.auth.secret.get_secret_value() == ENCRYPTED
+    assert sealed.auth.secret_form is SecretForm.ENCRYPTED
+    assert sealed.model_dump(exclude={"auth"}) == entry.model_dump(exclude={"auth"})
+    assert (sealed.auth.kind, sealed.auth.header) == (AuthKind.API_KEY, "X-Token")
+    assert sealed.with_secret(SECRET) == entry
+    assert AgentEntry.model_validate(sealed.to_storage()) == sealed  # stored and read back as it is
+    with pytest.raises(ValueError, match="no credentials"):
+        _entry().with_secret(SECRET)

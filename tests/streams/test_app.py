@@ -146,11 +146,12 @@ async def harness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
         monitoring=sender(),
         deadletter=sender(),
         checkpoints=Mock(spec=["put"]),
-        timers=Mock(spec=["call_at", "cancel"]),
+        timers=Mock(spec=["call_at", "cancel", "cancel_where"]),
         resend={},
     )
-    for name in ("tasks", "control", "monitoring", "deadletter", "checkpoints", "timers"):
+    for name in ("tasks", "control", "monitoring", "checkpoints", "timers"):
         monkeypatch.setattr(app.shell, name, getattr(harness, name))
+    monkeypatch.setattr(app.shell.deadletters, "topic", harness.deadletter)
     monkeypatch.setattr(app.shell, "cancels", harness.cancels)
     monkeypatch.setattr(
         app.shell, "records", Mock(spec=["exists", "get_state", "record_rejected"], exists=Mock(return_value=None))

@@ -101,6 +101,12 @@ class FakeTimers:
     def cancel(self, key: str) -> None:
         self.pending.pop(key, None)
 
+    def cancel_where(self, matches: Callable[[str], bool]) -> int:
+        gone = [key for key in self.pending if matches(key)]
+        for key in gone:
+            del self.pending[key]
+        return len(gone)
+
     async def fire(self, key: str) -> None:
         _, action = self.pending.pop(key)
         await action()
@@ -141,7 +147,9 @@ class Rig:
         )
 
 
-def make_rig(runs: dict[bytes, bytes] | None = None, tasks: FakeTopic | None = None) -> Rig:
+def make_rig(
+    runs: dict[bytes, bytes] | None = None, tasks: FakeTopic | None = None, max_message_bytes: int = 1_000_000
+) -> Rig:
     parts: dict[str, Any] = {
         "runs": {} if runs is None else runs,
         "tasks": FakeTopic() if tasks is None else tasks,
@@ -151,7 +159,13 @@ def make_rig(runs: dict[bytes, bytes] | None = None, tasks: FakeTopic | None = N
         "checkpoints": FakeCheckpoints(),
         "timers": FakeTimers(),
     }
-    shell = RunShell(**parts, cancels=FakeTopic(), records=NoRecords(), app_name="test-executor")
+    shell = RunShell(
+        **parts,
+        cancels=FakeTopic(),
+        records=NoRecords(),
+        app_name="test-executor",
+        max_message_bytes=max_message_bytes,
+    )
     return Rig(**parts, shell=shell)
 
 

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from sqlalchemy import Engine, delete, select
+from pydantic import SecretStr
+from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.engine import make_url
 
 from models.agents import AgentEntry
@@ -29,15 +30,19 @@ from switchyard.registry import (
     HttpRegistry,
     RegistryError,
     RegistryFileError,
+    RegistrySecretError,
     RegistryStore,
     load_registry_file,
 )
+from switchyard.secrets import SecretCipher, generate_key
+from switchyard.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "agents"
 SECRET = "reg-s3cret-6d1b0c"
 ENV_REF = "env:SWITCHYARD_TEST_REGISTRY_TOKEN"
+SECRETS_KEY = generate_key()
 
 
 def _entry(name: str = "researcher", **fields: Any) -> AgentEntry:
@@ -51,10 +56,10 @@ def _entry(name: str = "researcher", **fields: Any) -> AgentEntry:
 
 @pytest.fixture
 def store(engine: Engine) -> RegistryStore:
-    """The store on the module's database, with an empty agents table."""
+    """The store on the module's database, with an empty agents table and a secrets key."""
     with engine.begin() as conn:
         conn.execute(delete(AgentRecord))
-    return RegistryStore(engine)
+    return RegistryStore(engine, Settings(secrets_key=SecretStr(SECRETS_KEY)))
 
 
 @pytest.mark.postgres
@@ -117,11 +122,14 @@ def test_delete(store: RegistryStore) -> None:
 
 
 @pytest.mark.postgres
-def test_secret_is_stored_in_clear_but_shown_redacted(store: RegistryStore, engine: Engine) -> None:
+def test_secret_is_stored_encrypted_and_shown_redacted(store: RegistryStore, engine: Engine) -> None:
     store.put(_entry("secure", auth={"kind": "bearer", "secret": SECRET}))
     with engine.connect() as conn:
         raw = conn.execute(select(AgentRecord.entry).where(AgentRecord.name == "secure")).scalar_one()
-    assert raw["auth"]["secret"] == SECRET  # the registry's own storage holds what calls need
+        row = conn.execute(text("SELECT agents::text FROM agents WHERE name = 'secure'")).scalar_one()
+    assert SECRET not in row  # encrypted at rest (tests/switchyard/test_secrets.py has the details)
+    assert raw["auth"]["secret"].startswith("fernet:")
+    assert SecretCipher.from_key(SECRETS_KEY).decrypt(raw["auth"]["secret"])[0] == SECRET
 
     loaded = store.get("secure")
     assert loaded is not None
@@ -148,6 +156,17 @@ def test_env_reference_is_stored_as_a_reference(
     assert loaded.auth is not None
     assert loaded.redacted()["auth"] == {"kind": "api_key", "header": "X-Token", "secret": ENV_REF}
     assert loaded.auth.headers() == {"X-Token": SECRET}
+
+
+@pytest.mark.postgres
+def test_a_literal_secret_without_a_key_is_refused(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(delete(AgentRecord))
+    keyless = RegistryStore(engine, Settings(secrets_key=None))
+    with pytest.raises(RegistrySecretError, match="env:NAME") as caught:
+        keyless.put(_entry("secure", auth={"kind": "bearer", "secret": SECRET}))
+    assert SECRET not in str(caught.value)
+    assert keyless.list() == []
 
 
 # ====================================================================== DatabaseRegistry
