@@ -302,13 +302,22 @@ class DeadLetterRecord(Message):
         full = cls._build(source_topic, key, payload, reason, app, len(payload))
         if max_bytes is None or full.fits(max_bytes):
             return full
-        reason = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 3] + "..."
+        reason = _clip(reason, _REASON_CHARS)
+        whole = cls._build(source_topic, key, payload, reason, app, len(payload))
+        if whole.fits(max_bytes):
+            return whole  # the reason was what did not fit
         keep = min(len(payload), max_bytes // 2)
-        while True:
+        while keep > 0:
             cut = cls._build(source_topic, key, payload[:keep], reason, app, len(payload), original=payload)
-            if cut.fits(max_bytes) or keep == 0:
+            if cut.fits(max_bytes):
                 return cut
             keep //= 2
+        # Even without the payload it does not fit (a key and a reason of characters JSON escapes six
+        # times): keep their starts. A few hundred bytes, below any limit the settings allow.
+        short_key = None if key is None else key[:_SHORT_KEY_BYTES]
+        return cls._build(
+            source_topic, short_key, b"", _clip(reason, _SHORT_REASON_CHARS), app, len(payload), original=payload
+        )
 
     @classmethod
     def _build(
@@ -329,7 +338,7 @@ class DeadLetterRecord(Message):
         except UnicodeDecodeError:
             text, encoded = None, base64.b64encode(payload).decode()
         whole = original if original is not None else payload
-        key_text = None if key is None else key[:_KEY_BYTES].decode("utf-8", "replace")
+        key_text = None if key is None else _key_text(key)
         return cls(
             source_topic=source_topic,
             key=key_text,
@@ -353,6 +362,23 @@ class DeadLetterRecord(Message):
 
 _REASON_CHARS = 2000
 _KEY_BYTES = 1024
+_SHORT_REASON_CHARS = 200
+_SHORT_KEY_BYTES = 64
+
+
+def _clip(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
+def _key_text(key: bytes) -> str:
+    """A key as text, at most ``_KEY_BYTES`` bytes once encoded (a UTF-8 key: its start, whole characters)."""
+    try:
+        return _text_prefix(key[:_KEY_BYTES]) if len(key) > _KEY_BYTES else key.decode("utf-8")
+    except UnicodeDecodeError:
+        text = key[:_KEY_BYTES].decode("utf-8", "replace")
+        while len(text.encode()) > _KEY_BYTES:  # each replacement character takes 3 bytes
+            text = text[:-1]
+        return text
 
 
 def _text_prefix(payload: bytes) -> str:

@@ -604,11 +604,11 @@ _UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREAD
 
 
 def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
-    if state.status is not RunStatus.FAILED or state.current_step is None:
-        return state, []  # only a run that failed at a step can be retried
-    if state.error is not None and state.error.kind in _UNRETRIABLE_RUN_ERRORS:
+    if state.status is RunStatus.FAILED and state.error is not None and state.error.kind in _UNRETRIABLE_RUN_ERRORS:
         reason = f"run {state.run_id!r} failed with {state.error.kind}: its data were not kept, so it cannot be retried"
         return state, [DeadLetter(run_id=state.run_id, reason=reason)]
+    if state.status is not RunStatus.FAILED or state.current_step is None:
+        return state, []  # only a run that failed at a step can be retried
     step = state.steps.get(state.current_step)
     if step is None or step.status is not StepStatus.FAILED:
         return state, []
@@ -895,7 +895,10 @@ _KEEP_BYTES = 1024
 
 
 def dropped(value: JsonValue, reason: str) -> dict[str, JsonValue]:
-    """What stands in a reduced state for a value that was dropped: its size, its SHA-256 and why."""
+    """What stands in a reduced state for a value that was dropped: its size, its SHA-256 and why.
+
+    Both are of the value as compact UTF-8 JSON.
+    """
     raw = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
     return {"dropped": {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "reason": reason}}
 
@@ -939,7 +942,7 @@ def fail_too_large(
     return reduced, [*_cancel_in_flight(before, at), *_finish_effects(reduced, at)]
 
 
-def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime) -> tuple[RunState, list[Effect]]:
+def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime, *, limit: int) -> tuple[RunState, list[Effect]]:
     """A stored state that cannot be read (a broken or foreign record): fail the run with the reason.
 
     What can be read of it is kept (the plan, the input and the times when
@@ -950,6 +953,7 @@ def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime) -> tuple[R
         raw: The stored JSON, decoded as far as it could be (None if not at all).
         reason: Why it cannot be read.
         at: Now.
+        limit: The most a stored state may take: what is kept is reduced to fit.
 
     Returns:
         A FAILED state of kind ``unreadable_state`` and its effects.
@@ -979,7 +983,9 @@ def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime) -> tuple[R
             completed_at=at,
             updated_at=at,
             # Above the stored snapshot's, so that this record replaces it in PostgreSQL.
-            version=version + 1 if isinstance(version, int) and version >= 1 else _UNKNOWN_VERSION,
+            version=version + 1
+            if isinstance(version, int) and not isinstance(version, bool) and version >= 1
+            else _UNKNOWN_VERSION,
         )
     except ValueError:
         state = RunState(
@@ -993,6 +999,7 @@ def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime) -> tuple[R
             updated_at=at,
             version=_UNKNOWN_VERSION,
         )
+    state = _reduce(state, limit, ErrorKind.UNREADABLE_STATE)
     return state, _finish_effects(state, at)
 
 
@@ -1076,7 +1083,13 @@ def _encoded_size(state: RunState) -> int:
 
 
 def _reduce(state: RunState, limit: int, reason: str) -> RunState:
-    """``state`` made to fit in ``limit`` bytes, giving up as little as it can."""
+    """``state`` made to fit in ``limit`` bytes, giving up as little as it can.
+
+    In turn: inputs and outputs over 1 KiB, then all of them, then the plan's
+    mappings and the registry policies copied into the run, then the history
+    and the plan itself (the run's identity and its error stay). The last
+    form is a few hundred bytes, far below the smallest limit the settings allow.
+    """
     for keep in (_KEEP_BYTES, 0):
         state = _drop_values(state, keep, reason)
         if _encoded_size(state) <= limit:
@@ -1084,22 +1097,43 @@ def _reduce(state: RunState, limit: int, reason: str) -> RunState:
     plan = state.plan.model_copy(
         update={"steps": {k: s.model_copy(update={"input_mapping": {}}) for k, s in state.plan.steps.items()}}
     )
-    state = state.model_copy(update={"plan": plan})
+    defaults = ExecutionDefaults(timeout_s=state.defaults.timeout_s, retry=state.defaults.retry)
+    state = state.model_copy(update={"plan": plan, "defaults": defaults})
     if _encoded_size(state) <= limit:
         return state
-    # The plan alone is too large: keep the run's identity and its error.
-    stub = state.plan.model_copy(update={"description": None, "start_step": "unreadable", "steps": _STUB_PLAN.steps})
-    return state.model_copy(update={"plan": stub, "steps": {}, "current_step": None})
+    stub = _STUB_PLAN.model_copy(
+        update={
+            "workflow_id": state.plan.workflow_id,
+            "name": state.plan.name,
+            "version": state.plan.version,
+        }
+    )
+    error = state.error
+    if error is not None:
+        error = error.model_copy(update={"message": error.message[:2000], "details": _small_details(error.details)})
+    return state.model_copy(update={"plan": stub, "steps": {}, "current_step": None, "error": error})
+
+
+def _small_details(details: JsonValue) -> JsonValue:
+    return details if _json_size(details) <= _KEEP_BYTES else None
+
+
+def _json_size(value: JsonValue) -> int:
+    """The bytes of ``value`` as compact JSON (what :func:`dropped` counts)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+
+
+def _is_dropped(value: JsonValue) -> bool:
+    return isinstance(value, dict) and set(value) == {"dropped"} and isinstance(value["dropped"], dict)
 
 
 def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
-    """Replace inputs and outputs larger than ``keep`` bytes by a note of what they were."""
+    """Replace inputs and outputs larger than ``keep`` bytes by a note of what they were (notes stay)."""
 
     def small(value: JsonValue) -> JsonValue:
-        if value is None:
-            return None
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
-        return value if size <= keep else dropped(value, reason)
+        if value is None or _is_dropped(value) or _json_size(value) <= keep:
+            return value
+        return dropped(value, reason)
 
     steps = {}
     for step_id, step in state.steps.items():
@@ -1108,6 +1142,6 @@ def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
         )
         steps[step_id] = step.model_copy(update={"attempts": attempts, "output": small(step.output)})
     run_input = state.input
-    if run_input and len(json.dumps(run_input, ensure_ascii=False).encode("utf-8", "surrogatepass")) > keep:
+    if run_input and not _is_dropped(run_input) and _json_size(run_input) > keep:
         run_input = dropped(run_input, reason)
     return state.model_copy(update={"steps": steps, "input": run_input, "output": small(state.output)})

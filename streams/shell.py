@@ -234,6 +234,7 @@ class RunShell:
                 )
                 new, effects = fail_too_large(state, new, size=size, limit=self.limit, at=event.at)
                 raw = new.model_dump_json().encode()
+                self._forget_all_timers(run_id)
             self.runs[key] = raw
             self.applied += 1
             self._forget_timers(state, new)
@@ -256,11 +257,15 @@ class RunShell:
                 raw: Any = json.loads(unusable.raw)
             except ValueError:
                 raw = None
-            new, effects = fail_unreadable(run_id, raw, unusable.reason or "unreadable", at)
+            new, effects = fail_unreadable(run_id, raw, unusable.reason or "unreadable", at, limit=self.limit)
         self.runs[key] = new.model_dump_json().encode()
         self.failed_stored += 1
-        self.timers.cancel_where(lambda timer: timer.split(":", 1)[-1].startswith(f"{run_id}/"))
+        self._forget_all_timers(run_id)
         return effects
+
+    def _forget_all_timers(self, run_id: str) -> None:
+        """Drop every timer of a run that has just failed as a whole (its record may no longer list its attempts)."""
+        self.timers.cancel_where(lambda timer: timer.split(":", 1)[-1].startswith(f"{run_id}/"))
 
     def _forget_timers(self, old: RunState | None, new: RunState) -> None:
         """Drop the deadline and dispatch timers of attempts that have just ended."""

@@ -56,7 +56,7 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
-    _log: IO[bytes] = field(repr=False)
+    _log: IO[bytes] | None = field(default=None, repr=False)  # None: a view of a process logging elsewhere
 
     @property
     def pid(self) -> int:
@@ -66,6 +66,23 @@ class Process:
     def alive(self) -> bool:
         """Whether it still runs."""
         return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code once it has exited (negative: killed by that signal), else None."""
+        return self.popen.poll()
+
+    def exit_reason(self) -> str:
+        """How it ended, in words: ``exited with code 1``, ``was killed by SIGKILL``, or ``is running``."""
+        code = self.returncode
+        if code is None:
+            return "is running"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
@@ -77,7 +94,8 @@ class Process:
                 log.warning("%s (pid %d) ignored SIGTERM for %gs; killing it", self.name, self.pid, timeout)
                 self.popen.kill()
                 self.popen.wait(timeout)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return self.popen.returncode
 
     def kill(self) -> None:
@@ -129,6 +147,8 @@ class Stack:
         dsn = self.settings.database_dsn()
         if dsn:
             values["SWITCHYARD_DATABASE_URL"] = dsn
+        if self.settings.secrets_key is not None:
+            values["SWITCHYARD_SECRETS_KEY"] = self.settings.secrets_key.get_secret_value()
         return {**os.environ, **values, "PYTHONUNBUFFERED": "1", **extra}
 
     # ------------------------------------------------------------- services
@@ -204,17 +224,62 @@ class Stack:
         """A URL on the bridge's web server."""
         return f"http://127.0.0.1:{self.settings.bridge_web_port}{path}"
 
+    def dead(self) -> list[Process]:
+        """The processes of the stack that have exited on their own: the embedded broker first, then the others.
+
+        Processes stopped by :meth:`stop` are no longer the stack's, so they
+        are not listed; a worker killed on purpose (fault injection) is.
+        """
+        dead = [p for p in self.processes.values() if not p.alive()]
+        if self.broker is not None and self.broker.process.poll() is not None:
+            dead.insert(0, Process(name="broker", popen=self.broker.process, log_path=self.logs / "broker.log"))
+        return dead
+
     # ------------------------------------------------------------- stopping
 
-    def stop(self) -> None:
-        """Stop every process (workers first, then agents), then the broker and the database."""
+    def stop(self) -> list[str]:
+        """Stop every process (workers first, then agents), then the broker and the database.
+
+        Returns:
+            What is still running afterwards (``name (pid N)``), normally
+            nothing: a process that outlives SIGKILL is reported, not waited for.
+        """
+        left: list[str] = []
         order = sorted(self.processes.values(), key=lambda p: not p.name.startswith(("executor", "bridge")))
         for process in order:
-            process.stop()
+            try:
+                process.stop()
+            except subprocess.TimeoutExpired:
+                left.append(f"{process.name} (pid {process.pid})")
         self.processes.clear()
         if self.broker is not None:
-            self.broker.stop()
+            try:
+                self.broker.stop()
+            except subprocess.TimeoutExpired:
+                left.append(f"broker (pid {self.broker.process.pid})")
             self.broker = None
         if self.postgres is not None:
+            pid = self.postgres.pid
             self.postgres.stop(force=True)  # a killed worker may have left its handle behind
             self.postgres = None
+            if pid is not None and not _gone(pid):
+                left.append(f"PostgreSQL (pid {pid})")
+        return left
+
+
+def _gone(pid: int, within: float = 3.0) -> bool:
+    """Whether a process that is not our child (the postmaster, started by pg_ctl) is gone, or goes within ``within`` s.
+
+    It is not ours to reap, so it may take a moment to disappear after SIGKILL.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # it exists, as another user (under root the wheel runs the server as its own user)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)

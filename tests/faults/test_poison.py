@@ -5,6 +5,7 @@ runs that cannot start are recorded as FAILED, and the workers go on serving (DE
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -207,7 +208,16 @@ def test_poison_messages_are_dead_lettered_with_their_reason(faults: FaultStack)
         letter = letter_for(poison, letters)
         if letter is not None:
             print(f"dead letter for {poison.name}: {letter.reason[:140]}")
-            if payload_of(letter) != poison.value:
+            value = poison.value or b""
+            if letter.original_bytes != len(value) or letter.original_sha256 != hashlib.sha256(value).hexdigest():
+                problems.append(f"{poison.name}: the dead letter does not describe the original bytes")
+            if letter.truncated:
+                # Over the limit with its envelope: the start of it is kept, with its size and SHA-256.
+                if not (value.startswith(payload_of(letter)) and len(encode(letter)) <= MAX_MESSAGE_BYTES):
+                    problems.append(
+                        f"{poison.name}: the cut dead letter is not a start of the original, or is too big"
+                    )
+            elif payload_of(letter) != value:
                 problems.append(f"{poison.name}: the dead letter does not keep the original bytes")
     assert not problems, "\n".join([*problems, faults.logs()])
 
