@@ -34,7 +34,7 @@ from models.messages import (
     encode,
     utcnow,
 )
-from switchyard import topics
+from switchyard import http_guard, topics
 from switchyard.database import Database
 from switchyard.faust_app import SwitchyardApp, app_settings
 from switchyard.limits import BoundedSender, DeadLetters, record_size, topic_config
@@ -314,6 +314,7 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
                 status=200 if app.ready else 503,
             )
 
+    http_guard.install(app, settings)
     return app
 
 

@@ -43,6 +43,7 @@ from models.messages import (
 from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, check_plan
 
 __all__ = [
+    "UNRETRIABLE_RUN_ERRORS",
     "Attempt",
     "AgentPolicy",
     "AgentResultReceived",
@@ -599,12 +600,12 @@ def _on_cancel(state: RunState, event: CancelRequested) -> _Changed:
     return state, effects + finish
 
 
-_UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE})
+UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE})
 """Runs stored without their data (or unreadable): a retry would run on what is left, so it is refused."""
 
 
 def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
-    if state.status is RunStatus.FAILED and state.error is not None and state.error.kind in _UNRETRIABLE_RUN_ERRORS:
+    if state.status is RunStatus.FAILED and state.error is not None and state.error.kind in UNRETRIABLE_RUN_ERRORS:
         reason = f"run {state.run_id!r} failed with {state.error.kind}: its data were not kept, so it cannot be retried"
         return state, [DeadLetter(run_id=state.run_id, reason=reason)]
     if state.status is not RunStatus.FAILED or state.current_step is None:

@@ -616,10 +616,10 @@ def register(app: ExecutorApp) -> None:
         )
 
     async def control(run_id: str, command: ControlCommand) -> int:
-        from streams.web import refuse_command
+        from streams.web import recorded_status, refuse_command
 
-        status = await asyncio.to_thread(WorkflowRepository(_engine(settings)).exists, run_id)
-        refusal = refuse_command(command, status, run_id)
+        status, error_kind = await asyncio.to_thread(recorded_status, WorkflowRepository(_engine(settings)), run_id)
+        refusal = refuse_command(command, status, run_id, error_kind)
         if refusal is not None:
             raise CliError(refusal, code=EXIT_FAILED)
         message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested from the command line")

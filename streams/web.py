@@ -1,50 +1,74 @@
 """The executor's HTTP API, on Faust's web server (127.0.0.1 by default).
 
-* ``POST /runs/`` ``{plan, input, run_id?}``: validate and submit, 202 ``{run_id}``.
+* ``POST /runs/`` ``{plan, input, run_id?}``: validate and submit, 202 ``{run_id, status_url}``.
+  A run_id already used by the same plan and input is the same request again
+  (202 pointing to that run, nothing sent); by another plan or input, 409.
 * ``GET /runs/?status=&workflow_id=&limit=&offset=``: recent runs (from PostgreSQL).
 * ``GET /runs/{run_id}/``: one run with every step and attempt; answered by
   the worker that owns the run (``table_route``), from its live state, or from
   PostgreSQL when the run is not in the table.
+* ``POST /runs/{run_id}/cancel|retry|resume``: a control command, 202.
 * ``GET /agents/``, ``GET/PUT/DELETE /agents/{name}``: the built-in registry.
 * ``GET /health/``: answers once the worker has recovered its tables, with counters.
 
-Mutating endpoints need ``Authorization: Bearer <SWITCHYARD_API_TOKEN>`` when
-a token is configured. Errors are JSON ``{"error": ..., ...}`` with a 4xx
-status, never a traceback.
+:mod:`switchyard.http_guard` guards every request before a view runs (the
+token, cross-site requests, content type, body size, text PostgreSQL cannot
+store) and makes every error JSON ``{"error": ..., ...}``, never a traceback.
+Views here only read the checked body (:func:`~switchyard.http_guard.json_body`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from faust import web
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from models.agents import AgentEntry
 from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
-from models.run import RunState, RunStatus
-from switchyard import topics
+from models.run import UNRETRIABLE_RUN_ERRORS, RunState, RunStatus
+from streams.submissions import Refusal, SubmissionRefused, encode_submission, is_repeat
+from switchyard import http_guard, topics
 from switchyard.db import RunRecord, WorkflowRepository
-from switchyard.registry import RegistryStore
+from switchyard.registry import RegistrySecretError, RegistryStore
 
 if TYPE_CHECKING:
     from streams.app import ExecutorApp
 
-__all__ = ["USER_COMMANDS", "record_view", "refuse_command", "register", "state_view"]
+__all__ = [
+    "USER_COMMANDS",
+    "recorded_status",
+    "list_query",
+    "put_agent",
+    "record_view",
+    "refuse_command",
+    "register",
+    "run_command",
+    "state_view",
+    "submit_run",
+    "valid_run_id",
+]
+
+log = logging.getLogger(__name__)
 
 USER_COMMANDS = (ControlCommand.CANCEL, ControlCommand.RETRY, ControlCommand.RESUME)
 
 
-def refuse_command(command: ControlCommand, status: str | None, run_id: str) -> str | None:
-    """Why a user's command cannot apply to a run with this recorded status, or None if it can."""
+def refuse_command(
+    command: ControlCommand, status: str | None, run_id: str, error_kind: str | None = None
+) -> str | None:
+    """Why a user's command cannot apply to a run with this status (and error kind), or None if it can."""
     if status is None:
         return f"no run {run_id!r}"
+    if command is ControlCommand.RETRY and error_kind in UNRETRIABLE_RUN_ERRORS:
+        return f"run {run_id!r} failed with {error_kind}: its data were not kept, so it cannot be retried"
     if command is ControlCommand.CANCEL and RunStatus(status).finished:
         return f"run {run_id!r} is already {status}"
     if command is ControlCommand.RETRY and status != RunStatus.FAILED:
@@ -54,7 +78,28 @@ def refuse_command(command: ControlCommand, status: str | None, run_id: str) -> 
     return None
 
 
+def recorded_status(repo: WorkflowRepository, run_id: str) -> tuple[str | None, str | None]:
+    """A run's recorded status and error kind (None, None for an unknown run); blocking."""
+    record = repo.get_run(run_id, with_steps=False)
+    if record is None:
+        return None, None
+    kind = record.error.get("kind") if isinstance(record.error, dict) else None
+    return record.status, kind if isinstance(kind, str) else None
+
+
 _RUN_ID = re.compile(RUN_ID_PATTERN)
+
+MAX_OFFSET = 1_000_000_000
+"""Largest ``offset`` of ``GET /runs/`` (PostgreSQL's OFFSET is a bigint: a bigger one would be a 500)."""
+
+Answer = tuple[int, dict[str, Any]]
+"""An HTTP status and its JSON body."""
+
+
+def valid_run_id(run_id: object) -> bool:
+    """Whether ``run_id`` is a run id (letters, digits, '.', '_', ':', '-', at most 128)."""
+    # fullmatch: the pattern's "$" alone would let a trailing newline through.
+    return isinstance(run_id, str) and _RUN_ID.fullmatch(run_id) is not None
 
 
 def state_view(state: RunState) -> dict[str, Any]:
@@ -179,36 +224,168 @@ def _summary(record: RunRecord) -> dict[str, Any]:
     return data
 
 
-def register(app: ExecutorApp) -> None:
-    """Add the views to the executor app."""
-    settings = app.settings
-    token = settings.api_token.get_secret_value() if settings.api_token else None
+def _repo(app: ExecutorApp) -> WorkflowRepository:
+    return WorkflowRepository(app.database.engine)
 
-    def problem(view: web.View, status: int, error: str, **extra: Any) -> web.Response:
-        return view.json({"error": error, **extra}, status=status)
 
-    def forbidden(view: web.View, request: web.Request) -> web.Response | None:
-        if token is None:
-            return None
-        given = request.headers.get("Authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
-            return None
-        return problem(view, 401, "this endpoint needs 'Authorization: Bearer <token>' (SWITCHYARD_API_TOKEN)")
+def _store(app: ExecutorApp) -> RegistryStore:
+    return RegistryStore(app.database.engine)
 
-    async def body_of(request: web.Request) -> Any:
-        raw = await request.read()
-        if len(raw) > settings.max_message_bytes:
-            raise _BadRequest(f"body of {len(raw)} bytes is over the limit of {settings.max_message_bytes}")
+
+def _error(code: int, error: str, /, **extra: Any) -> Answer:
+    # Positional-only: a refusal's details may hold a "status" (the run's).
+    return code, {"error": error, **extra}
+
+
+def list_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """The arguments of ``list_runs`` from ``GET /runs/``'s query.
+
+    Raises:
+        http_guard.Problem: 400, an unknown status or a bad number.
+    """
+    statuses: list[RunStatus] | None = None
+    if query.get("status"):
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise _BadRequest(f"body is not valid JSON: {error}") from None
+            statuses = [RunStatus(s.strip().upper()) for s in query["status"].split(",")]
+        except ValueError:
+            allowed = ", ".join(s.value for s in RunStatus)
+            raise http_guard.Problem(
+                400, f"unknown status {query['status']!r}; use one of {allowed}", parameter="status"
+            ) from None
+    try:
+        limit = int(query.get("limit", "50"))
+        offset = int(query.get("offset", "0"))
+    except ValueError:
+        raise http_guard.Problem(400, "limit and offset must be integers") from None
+    if not 0 <= offset <= MAX_OFFSET:
+        raise http_guard.Problem(400, f"offset must be between 0 and {MAX_OFFSET}", parameter="offset")
+    return {"status": statuses, "workflow_id": query.get("workflow_id") or None, "limit": limit, "offset": offset}
 
-    def repo() -> WorkflowRepository:
-        return WorkflowRepository(app.database.engine)
 
-    def store() -> RegistryStore:
-        return RegistryStore(app.database.engine)
+async def submit_run(app: ExecutorApp, body: Any) -> Answer:
+    """``POST /runs/``: check a submission; send it unless its run_id is an existing run's.
+
+    The checks, in order: the shape, the plan (400 with every problem), the
+    size of the record that would be sent (413, ``size`` and ``limit``), and,
+    for a run_id the client chose, whether a run has it (this worker's table,
+    else PostgreSQL): with the same plan and input the answer is 202 pointing
+    to that run (``"existing": true``) and nothing is sent; with another, 409
+    naming the run. A run_id the API makes up is new by construction.
+    """
+    if not isinstance(body, dict) or "plan" not in body:
+        return _error(400, 'expected a JSON object {"plan": {...}, "input": {...}}')
+    unknown = sorted(set(body) - {"plan", "input", "run_id"})
+    if unknown:
+        return _error(400, f"unknown field(s): {', '.join(unknown)}")
+    given = body.get("run_id")
+    if given is not None and given != "" and not valid_run_id(given):
+        return _error(400, "run_id: letters, digits, '.', '_', ':' and '-', at most 128", path="$.run_id")
+    try:
+        plan = load_plan(body["plan"])
+    except PlanValidationError as error:
+        return _error(400, "invalid workflow plan", problems=[p.to_dict() for p in error.problems])
+    run_input = body.get("input", {})
+    if not isinstance(run_input, dict):
+        return _error(400, "input must be a JSON object", path="$.input")
+    run_id = str(given) if given else new_run_id()
+    try:
+        submission = WorkflowSubmission(run_id=run_id, plan=plan, input=run_input)
+    except ValidationError as error:
+        return _error(400, "invalid submission", problems=_problems(error.errors(include_url=False)))
+    try:
+        value = encode_submission(submission, app.settings.max_message_bytes)
+    except SubmissionRefused as refused:
+        return _error(413 if refused.refusal is Refusal.TOO_LARGE else 400, str(refused), **refused.details)
+    answer = {"run_id": run_id, "status_url": f"/runs/{run_id}/"}
+    if given:
+        try:
+            live, record = await _existing(app, run_id)
+        except (SQLAlchemyError, OSError, RuntimeError) as error:
+            log.warning("cannot look run %s up before submitting it: %s", run_id, type(error).__name__)
+            return _error(
+                503,
+                f"cannot check whether run_id {run_id!r} is in use (PostgreSQL did not answer);"
+                " try again, or submit without a run_id",
+                run_id=run_id,
+            )
+        try:
+            if is_repeat(submission, live, record):
+                status = str(live.status) if live is not None else record.status if record is not None else None
+                return 202, {**answer, "existing": True, "status": status}
+        except SubmissionRefused as refused:
+            return _error(409, str(refused), **refused.details)
+    await app.plans_topic.send(key=run_id.encode(), value=value)
+    return 202, answer
+
+
+async def _existing(
+    app: ExecutorApp, run_id: str, *, ask_postgresql: bool = True
+) -> tuple[RunState | None, RunRecord | None]:
+    """A run's live state on this worker, else (when asked) its record in PostgreSQL; either may be None."""
+    try:
+        live = app.shell.load(run_id)
+    except ValueError:  # a state this version cannot read: the record decides
+        live = None
+    if live is not None or not ask_postgresql:
+        return live, None  # the live state decides; no need to ask PostgreSQL
+    record = await asyncio.to_thread(_repo(app).get_run, run_id, with_steps=False)
+    return None, record
+
+
+async def run_command(app: ExecutorApp, run_id: str, action: str) -> Answer:
+    """``POST /runs/{run_id}/{action}``: send a user's command when the run's status allows it.
+
+    The status is the live state's when this worker owns the run, else PostgreSQL's.
+    """
+    try:
+        command: ControlCommand | None = ControlCommand(action)
+    except ValueError:
+        command = None
+    if command not in USER_COMMANDS or command is None:
+        return _error(404, f"no action {action!r}; use cancel, retry or resume")
+    if not valid_run_id(run_id):
+        return _error(404, f"no run {run_id!r}")
+    live, _ = await _existing(app, run_id, ask_postgresql=False)
+    # The live state when this worker has it: PostgreSQL lags by a checkpoint.
+    status: str | None
+    error_kind: str | None
+    if live is not None:
+        status, error_kind = str(live.status), live.error.kind if live.error is not None else None
+    else:
+        status, error_kind = await asyncio.to_thread(recorded_status, _repo(app), run_id)
+    refusal = refuse_command(command, status, run_id, error_kind)
+    if refusal is not None:
+        return _error(404 if status is None else 409, refusal)
+    message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested over HTTP")
+    await app.control_topic.send(key=run_id.encode(), value=encode(message))
+    return 202, {"run_id": run_id, "requested": str(command)}
+
+
+async def put_agent(app: ExecutorApp, name: str, body: Any) -> Answer:
+    """``PUT /agents/{name}``: validate an entry and store it (201 when new)."""
+    if not isinstance(body, dict):
+        return _error(400, "expected an agent entry as a JSON object")
+    if body.get("name", name) != name:
+        return _error(400, f"the body's name {body.get('name')!r} differs from the URL's {name!r}", path="$.name")
+    try:
+        entry = AgentEntry.model_validate({**body, "name": name})
+    except ValidationError as error:
+        return _error(400, "invalid agent entry", problems=_problems(error.errors(include_url=False)))
+    try:
+        created = await asyncio.to_thread(_store(app).put, entry)
+    except RegistrySecretError as error:  # a literal secret and no SWITCHYARD_SECRETS_KEY
+        return _error(400, str(error), path="$.auth.secret")
+    return (201 if created else 200), entry.redacted()
+
+
+def register(app: ExecutorApp) -> None:
+    """Add the views to the executor app, behind :mod:`switchyard.http_guard`."""
+    http_guard.install(app, app.settings)
+    limit = app.settings.max_message_bytes
+
+    def answer(view: web.View, result: Answer) -> web.Response:
+        status, body = result
+        return view.json(body, status=status)
 
     @app.page("/health/")
     class Health(web.View):
@@ -237,132 +414,65 @@ def register(app: ExecutorApp) -> None:
     @app.page("/runs/")
     class Runs(web.View):
         async def get(self, request: web.Request) -> web.Response:
-            query = request.query
-            statuses: list[RunStatus] | None = None
-            if query.get("status"):
-                try:
-                    statuses = [RunStatus(s.strip().upper()) for s in query["status"].split(",")]
-                except ValueError:
-                    allowed = ", ".join(s.value for s in RunStatus)
-                    return problem(self, 400, f"unknown status {query['status']!r}; use one of {allowed}")
-            try:
-                limit = int(query.get("limit", "50"))
-                offset = int(query.get("offset", "0"))
-            except ValueError:
-                return problem(self, 400, "limit and offset must be integers")
-            records = await asyncio.to_thread(
-                repo().list_runs,
-                status=statuses,
-                workflow_id=query.get("workflow_id") or None,
-                limit=limit,
-                offset=offset,
-            )
+            records = await asyncio.to_thread(_repo(app).list_runs, **list_query(request.query))
             return self.json({"runs": [_summary(r) for r in records]})
 
         async def post(self, request: web.Request) -> web.Response:
-            denied = forbidden(self, request)
-            if denied is not None:
-                return denied
-            try:
-                body = await body_of(request)
-            except _BadRequest as error:
-                return problem(self, 400, str(error))
-            if not isinstance(body, dict) or "plan" not in body:
-                return problem(self, 400, 'expected a JSON object {"plan": {...}, "input": {...}}')
-            unknown = sorted(set(body) - {"plan", "input", "run_id"})
-            if unknown:
-                return problem(self, 400, f"unknown field(s): {', '.join(unknown)}")
-            try:
-                plan = load_plan(body["plan"])
-            except PlanValidationError as error:
-                return problem(self, 400, "invalid workflow plan", problems=[p.to_dict() for p in error.problems])
-            run_input = body.get("input", {})
-            if not isinstance(run_input, dict):
-                return problem(self, 400, "input must be a JSON object")
-            run_id = body.get("run_id") or new_run_id()
-            if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-                return problem(self, 400, "run_id: letters, digits, '.', '_', ':' and '-', at most 128")
-            submission = WorkflowSubmission(run_id=run_id, plan=plan, input=run_input)
-            await app.plans_topic.send(key=run_id.encode(), value=encode(submission))
-            return self.json({"run_id": run_id, "status_url": f"/runs/{run_id}/"}, status=202)
+            return answer(self, await submit_run(app, await http_guard.json_body(request, limit)))
 
     @app.page("/runs/{run_id}/")
     class Run(web.View):
-        @app.table_route(table=app.runs, match_info="run_id")  # type: ignore[arg-type]
         async def get(self, request: web.Request, run_id: str) -> web.Response:
-            state = app.shell.load(run_id)
+            if not valid_run_id(run_id):
+                return self.json({"error": f"no run {run_id!r}"}, status=404)  # without asking PostgreSQL
+            try:
+                # table_route types the view's handler as (view, request) only.
+                return await self.owned(request, run_id=run_id)  # type: ignore[call-arg]
+            except aiohttp.ClientError:
+                return self.json(
+                    {"error": f"the worker that owns run {run_id!r} did not answer; try again"}, status=503
+                )
+
+        @app.table_route(table=app.runs, match_info="run_id")  # type: ignore[arg-type]
+        async def owned(self, request: web.Request, run_id: str) -> web.Response:
+            try:
+                state = app.shell.load(run_id)
+            except ValueError:  # a state this version cannot read: show the record
+                state = None
             if state is not None:
                 return self.json(state_view(state))
-            record = await asyncio.to_thread(repo().get_run, run_id)
+            record = await asyncio.to_thread(_repo(app).get_run, run_id)
             if record is None:
-                return problem(self, 404, f"no run {run_id!r}")
+                return self.json({"error": f"no run {run_id!r}"}, status=404)
             return self.json(record_view(record))
 
     @app.page("/runs/{run_id}/{action}")
     class RunAction(web.View):
         async def post(self, request: web.Request, run_id: str, action: str) -> web.Response:
-            denied = forbidden(self, request)
-            if denied is not None:
-                return denied
-            try:
-                command = ControlCommand(action.strip("/"))
-            except ValueError:
-                return problem(self, 404, f"no action {action!r}; use cancel, retry or resume")
-            if command not in USER_COMMANDS:
-                return problem(self, 404, f"no action {action!r}; use cancel, retry or resume")
-            status = await asyncio.to_thread(repo().exists, run_id)
-            refusal = refuse_command(command, status, run_id)
-            if refusal is not None:
-                return problem(self, 404 if status is None else 409, refusal)
-            message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested over HTTP")
-            await app.control_topic.send(key=run_id.encode(), value=encode(message))
-            return self.json({"run_id": run_id, "requested": str(command)}, status=202)
+            return answer(self, await run_command(app, run_id, action))
 
     @app.page("/agents/")
     class Agents(web.View):
         async def get(self, request: web.Request) -> web.Response:
-            entries = await asyncio.to_thread(store().list)
+            entries = await asyncio.to_thread(_store(app).list)
             return self.json({"agents": [e.redacted() for e in entries]})
 
     @app.page("/agents/{name}")
     class Agent(web.View):
         async def get(self, request: web.Request, name: str) -> web.Response:
-            entry = await asyncio.to_thread(store().get, name)
+            entry = await asyncio.to_thread(_store(app).get, name)
             if entry is None:
-                return problem(self, 404, f"no agent {name!r} in the registry")
+                return self.json({"error": f"no agent {name!r} in the registry"}, status=404)
             return self.json(entry.redacted())
 
         async def put(self, request: web.Request, name: str) -> web.Response:
-            denied = forbidden(self, request)
-            if denied is not None:
-                return denied
-            try:
-                body = await body_of(request)
-            except _BadRequest as error:
-                return problem(self, 400, str(error))
-            if not isinstance(body, dict):
-                return problem(self, 400, "expected an agent entry as a JSON object")
-            if body.get("name", name) != name:
-                return problem(self, 400, f"the body's name {body.get('name')!r} differs from the URL's {name!r}")
-            try:
-                entry = AgentEntry.model_validate({**body, "name": name})
-            except ValidationError as error:
-                return problem(self, 400, "invalid agent entry", problems=_problems(error.errors(include_url=False)))
-            created = await asyncio.to_thread(store().put, entry)
-            return self.json(entry.redacted(), status=201 if created else 200)
+            return answer(self, await put_agent(app, name, await http_guard.json_body(request, limit)))
 
         async def delete(self, request: web.Request, name: str) -> web.Response:
-            denied = forbidden(self, request)
-            if denied is not None:
-                return denied
-            existed = await asyncio.to_thread(store().delete, name)
+            existed = await asyncio.to_thread(_store(app).delete, name)
             if not existed:
-                return problem(self, 404, f"no agent {name!r} in the registry")
+                return self.json({"error": f"no agent {name!r} in the registry"}, status=404)
             return self.json({"deleted": name})
-
-
-class _BadRequest(ValueError):
-    pass
 
 
 def _problems(errors: Iterable[Any]) -> list[dict[str, str]]:

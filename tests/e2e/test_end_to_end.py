@@ -26,7 +26,7 @@ from tests.e2e.conftest import API_TOKEN, RunningStack
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+AUTH = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"}
 
 
 def one_step(agent: str, *, retry: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:

@@ -123,6 +123,13 @@ def test_a_state_over_the_limit_fails_its_run_and_stays_failed_across_a_kill(siz
     assert set(stored_input) == {"dropped"}, stored_input
     assert stored_input["dropped"]["bytes"] > 600_000
     assert stack.calls([run_id]) == {}  # never dispatched
+    # Its data were not kept, so a retry would run on notes: refused, over HTTP and the CLI.
+    status, answer = http_request("POST", stack.executor_url(f"/runs/{run_id}/retry"), headers=AUTH)
+    assert status == 409, answer
+    assert "cannot be retried" in answer["error"]
+    retried = stack.cli("retry", run_id)
+    assert retried.returncode == 1
+    assert "cannot be retried" in retried.stderr
     assert_serving(stack, "after the doubling run")
 
     # 2. A run an earlier version checkpointed RUNNING with a state over the limit.

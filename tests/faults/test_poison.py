@@ -214,9 +214,7 @@ def test_poison_messages_are_dead_lettered_with_their_reason(faults: FaultStack)
             if letter.truncated:
                 # Over the limit with its envelope: the start of it is kept, with its size and SHA-256.
                 if not (value.startswith(payload_of(letter)) and len(encode(letter)) <= MAX_MESSAGE_BYTES):
-                    problems.append(
-                        f"{poison.name}: the cut dead letter is not a start of the original, or is too big"
-                    )
+                    problems.append(f"{poison.name}: the cut dead letter is not a start of the original, or is too big")
             elif payload_of(letter) != value:
                 problems.append(f"{poison.name}: the dead letter does not keep the original bytes")
     assert not problems, "\n".join([*problems, faults.logs()])
