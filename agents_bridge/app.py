@@ -170,7 +170,17 @@ def bounded(result: AgentResult, limit: int) -> AgentResult:
     would fail (and the run would wait for its deadline, then call the agent
     again). So the attempt fails at once, not retriable, naming both sizes.
     """
-    size = record_size(result.run_id.encode(), encode(result))
+    try:
+        size = record_size(result.run_id.encode(), encode(result))
+    except ValueError as error:  # text that is not text (a lone surrogate from a JSON escape)
+        message = f"the agent's output cannot be carried: {str(error)[:200]}"
+        return result.model_copy(
+            update={
+                "status": ResultStatus.FAILURE,
+                "output": None,
+                "error": AgentError(kind=ErrorKind.MALFORMED_RESPONSE, message=message, retriable=False),
+            }
+        )
     if size <= limit:
         return result
     message = (

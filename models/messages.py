@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -413,6 +414,19 @@ class MessageDecodeError(ValueError):
 M = TypeVar("M", bound=Message)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""Where a lone surrogate can come from: JSON text holds one only as a ``\\uD8xx``-``\\uDFxx`` escape."""
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether decoded JSON holds a string that cannot be UTF-8 (nothing could encode or store it)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def encode(message: Message) -> bytes:
     """Serialize a message to compact JSON bytes."""
     return message.model_dump_json().encode()
@@ -455,6 +469,7 @@ def decode(message_type: type[M], raw: bytes | str | dict[str, Any], *, max_byte
     if isinstance(raw, str):
         if max_bytes is not None and len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
             raise MessageDecodeError(name, f"payload is over the limit of {max_bytes} bytes")
+        text = raw
         try:
             raw = json.loads(raw, parse_constant=_reject_constant)
         except json.JSONDecodeError as error:
@@ -465,6 +480,8 @@ def decode(message_type: type[M], raw: bytes | str | dict[str, Any], *, max_byte
             raise MessageDecodeError(name, "JSON is nested too deeply") from None
         except ValueError as error:  # NaN/Infinity, integers past Python's digit limit
             raise MessageDecodeError(name, f"not valid JSON: {error}") from None
+        if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(raw):
+            raise MessageDecodeError(name, "a \\u escape makes a lone surrogate (U+D800 to U+DFFF), which is not text")
     if not isinstance(raw, dict):
         raise MessageDecodeError(name, f"expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version", SCHEMA_VERSION)

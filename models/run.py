@@ -554,47 +554,14 @@ def _on_timeout(state: RunState, event: StepTimedOut) -> _Changed:
         retriable=True,
     )
     state, effects = _fail_attempt(state, step, attempt, error, event.at)
-    cancel = CancelAgentTask(
-        run_id=state.run_id,
-        step_id=step.step_id,
-        attempt=attempt.number,
-        correlation_id=attempt.correlation_id,
-        agent_name=attempt.agent_name,
-    )
-    return state, [cancel, *effects]
+    return state, [_cancel_task(state.run_id, step.step_id, attempt), *effects]
 
 
 def _on_cancel(state: RunState, event: CancelRequested) -> _Changed:
     if state.status.finished:
         return state, []
-    effects: list[Effect] = []
-    steps = dict(state.steps)
-    if state.current_step is not None and state.current_step in steps:
-        step = steps[state.current_step]
-        attempt = step.current
-        attempts = step.attempts
-        if attempt is not None and not attempt.status.finished:
-            if attempt.dispatch_at <= event.at:  # it may have been sent: ask the agent to stop
-                effects.append(
-                    CancelAgentTask(
-                        run_id=state.run_id,
-                        step_id=step.step_id,
-                        attempt=attempt.number,
-                        correlation_id=attempt.correlation_id,
-                        agent_name=attempt.agent_name,
-                    )
-                )
-            cancelled = attempt.model_copy(update={"status": StepStatus.CANCELLED, "finished_at": event.at})
-            attempts = (*attempts[:-1], cancelled)
-        steps[step.step_id] = step.model_copy(
-            update={
-                "status": StepStatus.CANCELLED,
-                "attempts": attempts,
-                "next_attempt_at": None,
-                "completed_at": event.at,
-            }
-        )
-    state = state.model_copy(update={"steps": steps})
+    effects = _cancel_in_flight(state, event.at)
+    state = _end_open_step(state, StepStatus.CANCELLED, event.at)
     error = RunError(kind=ErrorKind.CANCELLED, message=event.reason, step_id=state.current_step)
     state, finish = _finish(state, RunStatus.CANCELLED, event.at, error=error)
     return state, effects + finish
@@ -940,7 +907,10 @@ def fail_too_large(
     version = max(after.version, before.version if before is not None else 0) + 1
     failed = _failed_run(after, error, at).model_copy(update={"version": version})
     reduced = _reduce(failed, limit, ErrorKind.STATE_TOO_LARGE)
-    return reduced, [*_cancel_in_flight(before, at), *_finish_effects(reduced, at)]
+    # Only an attempt sent before this event (not one the transition just opened, nor one whose result
+    # this is) may be at an agent now.
+    sent = [c for c in _cancel_in_flight(after, at) if _sent_before(before, after, c, at)]
+    return reduced, [*sent, *_finish_effects(reduced, at)]
 
 
 def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime, *, limit: int) -> tuple[RunState, list[Effect]]:
@@ -1018,27 +988,10 @@ _STUB_PLAN = WorkflowPlan(
 
 def _failed_run(state: RunState, error: RunError, at: datetime) -> RunState:
     """``state`` FAILED with ``error``; its step still open fails with it (the attempt in flight too)."""
-    steps = dict(state.steps)
-    step = steps.get(state.current_step or "")
-    if step is not None and not step.status.finished:
-        step_error = AgentError(kind=error.kind, message=error.message[:10_000], retriable=False)
-        attempts = step.attempts
-        current = step.current
-        if current is not None and not current.status.finished:
-            current = current.model_copy(update={"status": StepStatus.FAILED, "finished_at": at, "error": step_error})
-            attempts = (*attempts[:-1], current)
-        steps[step.step_id] = step.model_copy(
-            update={
-                "status": StepStatus.FAILED,
-                "attempts": attempts,
-                "error": step_error,
-                "next_attempt_at": None,
-                "completed_at": at,
-            }
-        )
+    step_error = AgentError(kind=error.kind, message=error.message[:10_000], retriable=False)
+    state = _end_open_step(state, StepStatus.FAILED, at, step_error)
     return state.model_copy(
         update={
-            "steps": steps,
             "status": RunStatus.FAILED,
             "output": None,
             "error": error,
@@ -1048,23 +1001,63 @@ def _failed_run(state: RunState, error: RunError, at: datetime) -> RunState:
     )
 
 
+def _end_open_step(state: RunState, status: StepStatus, at: datetime, error: AgentError | None = None) -> RunState:
+    """End the run's current step with ``status`` if it is still open, and its attempt not yet finished."""
+    step = state.steps.get(state.current_step or "")
+    if step is None or step.status.finished:
+        return state
+    attempts = step.attempts
+    current = step.current
+    if current is not None and not current.status.finished:
+        ended = current.model_copy(update={"status": status, "finished_at": at, "error": error or current.error})
+        attempts = (*attempts[:-1], ended)
+    step = step.model_copy(
+        update={
+            "status": status,
+            "attempts": attempts,
+            "error": error or step.error,
+            "next_attempt_at": None,
+            "completed_at": at,
+        }
+    )
+    return state.model_copy(update={"steps": {**state.steps, step.step_id: step}})
+
+
+def _sent_before(before: RunState | None, after: RunState, cancel: Effect, at: datetime) -> bool:
+    """Whether the attempt ``cancel`` names was in flight before this event (so it may be at an agent)."""
+    if not isinstance(cancel, CancelAgentTask):
+        return False
+    if before is None:  # a restored run: its attempt was sent before the restore
+        step = after.steps.get(cancel.step_id)
+        attempt = step.current if step else None
+        return attempt is not None and attempt.dispatch_at < at
+    step = before.steps.get(cancel.step_id)
+    return (
+        any(a.correlation_id == cancel.correlation_id and not a.status.finished for a in step.attempts)
+        if step
+        else False
+    )
+
+
+def _cancel_task(run_id: str, step_id: str, attempt: Attempt) -> CancelAgentTask:
+    return CancelAgentTask(
+        run_id=run_id,
+        step_id=step_id,
+        attempt=attempt.number,
+        correlation_id=attempt.correlation_id,
+        agent_name=attempt.agent_name,
+    )
+
+
 def _cancel_in_flight(state: RunState | None, at: datetime) -> list[Effect]:
-    """Cancel the agent's task of the attempt ``state`` awaits, if it was sent."""
-    if state is None or state.status is not RunStatus.RUNNING or state.current_step is None:
+    """Ask the agent to stop the attempt ``state`` waits for, if it may have been sent (its time has come)."""
+    if state is None or state.status.finished or state.current_step is None:
         return []
     step = state.steps.get(state.current_step)
     attempt = step.current if step else None
     if step is None or attempt is None or attempt.status.finished or attempt.dispatch_at > at:
         return []
-    return [
-        CancelAgentTask(
-            run_id=state.run_id,
-            step_id=step.step_id,
-            attempt=attempt.number,
-            correlation_id=attempt.correlation_id,
-            agent_name=attempt.agent_name,
-        )
-    ]
+    return [_cancel_task(state.run_id, step.step_id, attempt)]
 
 
 def _finish_effects(state: RunState, at: datetime) -> list[Effect]:

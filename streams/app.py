@@ -105,6 +105,10 @@ class _Records:
     def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
         return WorkflowRepository(self._database.engine).record_rejected(run_id, kind=kind, message=message, plan=plan)
 
+    def fingerprint(self, run_id: str) -> str | None:
+        record = WorkflowRepository(self._database.engine).get_run(run_id, with_steps=False)
+        return record.submission_fingerprint() if record is not None else None
+
 
 class _Registry:
     """The built-in registry, reached through the worker's database service."""

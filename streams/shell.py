@@ -92,6 +92,10 @@ class RunRecords(Protocol):
         """Record a submission that could not start as a FAILED run."""
         ...
 
+    def fingerprint(self, run_id: str) -> str | None:
+        """The fingerprint of the submission that started a recorded run (None: refused, or unknown)."""
+        ...
+
 
 class _Checkpoints(Protocol):
     def put(self, state: RunState) -> None: ...
@@ -119,6 +123,17 @@ class _Unusable(Exception):
         self.raw = raw
         self.state = state
         self.reason = reason
+
+    @property
+    def finished(self) -> bool:
+        """Whether the stored bytes say the run had finished (as far as they can be read)."""
+        if self.state is not None:
+            return self.state.status.finished
+        try:
+            status = json.loads(self.raw).get("status")
+        except (ValueError, AttributeError, RecursionError):
+            return False
+        return status in {s.value for s in RunStatus if s.finished}
 
 
 class RunShell:
@@ -192,9 +207,12 @@ class RunShell:
     def _read(self, key: bytes) -> RunState | None:
         """The stored state, strictly.
 
+        A finished run over the limit (stored under a larger limit) is read as
+        it is: it will not grow, and its record must stay what it was.
+
         Raises:
-            _Unusable: It is over the size limit (from an earlier version or
-                setting) or cannot be read.
+            _Unusable: A run that would go on is over the size limit (from an
+                earlier version or setting), or the state cannot be read.
         """
         raw = self.runs.get(key)
         if raw is None:
@@ -203,7 +221,7 @@ class RunShell:
             state = RunState.model_validate_json(raw)
         except (ValidationError, ValueError) as error:
             raise _Unusable(raw, None, f"{type(error).__name__}: {str(error)[:500]}") from None
-        if record_size(key, raw) > self.limit:
+        if not state.status.finished and record_size(key, raw) > self.limit:
             raise _Unusable(raw, state, None)
         return state
 
@@ -243,8 +261,15 @@ class RunShell:
         return effects
 
     def _fail_stored(self, run_id: str, unusable: _Unusable, at: datetime) -> list[Effect]:
-        """Fail a run whose stored state cannot be used, and store the failure (no ``await``)."""
+        """Fail a run whose stored state cannot be used, and store the failure (no ``await``).
+
+        An unreadable state that says its run had finished is left as it is
+        (its record in PostgreSQL too): only a run that would go on is failed.
+        """
         key = run_id.encode()
+        if unusable.state is None and unusable.finished:
+            reason = f"run {run_id!r} has finished, but its stored state cannot be read; it is left as it is"
+            return [DeadLetter(run_id=run_id, reason=f"{reason}: {unusable.reason}")]
         if unusable.state is not None:
             size = record_size(key, unusable.raw)
             log.warning(
@@ -396,8 +421,16 @@ class RunShell:
                 log.warning("cannot ask PostgreSQL about run %s (%s); starting it", run_id, type(error).__name__)
                 recorded = None
             if recorded is not None:
+                known = await asyncio.to_thread(self.records.fingerprint, run_id)
+                if known != submission.fingerprint():
+                    reason = f"run_id {run_id!r} is already used by a different submission; not started again"
+                    if origin is not None:
+                        await self.park(*origin, reason)
+                    else:
+                        await self.deadletters.note(run_id, reason)
+                    return
                 if recorded == RunStatus.RUNNING:
-                    await self.restore(run_id, await asyncio.to_thread(self.records.get_state, run_id), origin)
+                    await self.restore_or_resume(run_id, origin)
                 else:
                     log.info("run %s is already recorded as %s; its submission is ignored", run_id, recorded)
                 return
@@ -526,11 +559,17 @@ class RunShell:
             try:
                 state = self._read(key if isinstance(key, bytes) else run_id.encode())
             except _Unusable as unusable:
+                if unusable.finished:
+                    continue  # nothing to go on with; left as it is
                 # Tables are written by the agents only: ask the control agent
                 # to fail the run, with the reason.
                 log.warning("run %s cannot be resumed (%s); asking to fail it", run_id, unusable)
                 message = ControlMessage(run_id=run_id, command=ControlCommand.RESTORE, reason=str(unusable)[:2000])
-                await self.control.send(key=run_id.encode(), value=encode(message))
+                try:
+                    await self.control.send(key=run_id.encode(), value=encode(message))
+                except Exception:
+                    log.exception("could not ask to fail run %s; the next restart asks again", run_id)
+                    continue
                 resumed += 1
                 continue
             if state is None:

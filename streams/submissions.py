@@ -17,8 +17,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from models.messages import WorkflowSubmission, encode
-from models.plan import WorkflowPlan
+from models.messages import WorkflowSubmission, encode, submission_fingerprint
 from models.run import RunState
 from switchyard.db import RunRecord
 
@@ -98,20 +97,5 @@ def is_repeat(submission: WorkflowSubmission, live: RunState | None, record: Run
 def _fingerprint_of(live: RunState | None, record: RunRecord | None) -> str | None:
     """The fingerprint of the submission that started a run, from its live state or its record."""
     if live is not None:
-        return live.fingerprint or _recompute(live.plan, live.input)
-    if record is None:
-        return None
-    if isinstance(record.state, dict):
-        stored = record.state.get("fingerprint")
-        if isinstance(stored, str):
-            return stored
-    if not isinstance(record.plan, dict) or not record.plan or not isinstance(record.input, dict):
-        return None  # recorded without a plan: a refused submission, not a run
-    try:
-        return _recompute(WorkflowPlan.model_validate(record.plan), record.input)
-    except ValueError:
-        return None
-
-
-def _recompute(plan: WorkflowPlan, run_input: dict[str, Any]) -> str:
-    return WorkflowSubmission(run_id="x", plan=plan, input=run_input).fingerprint()
+        return live.fingerprint or submission_fingerprint(live.plan, live.input)
+    return record.submission_fingerprint() if record is not None else None

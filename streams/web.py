@@ -229,7 +229,7 @@ def _repo(app: ExecutorApp) -> WorkflowRepository:
 
 
 def _store(app: ExecutorApp) -> RegistryStore:
-    return RegistryStore(app.database.engine)
+    return RegistryStore(app.database.engine, app.settings)
 
 
 def _error(code: int, error: str, /, **extra: Any) -> Answer:

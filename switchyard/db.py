@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from models.messages import utcnow
+from models.messages import submission_fingerprint, utcnow
 from models.records import Base, StepExecution, WorkflowRun
 from models.run import RunState, RunStatus, StepStatus
 
@@ -129,6 +129,23 @@ class RunRecord(BaseModel):
     completed_at: datetime | None = None
     updated_at: datetime
     steps: tuple[StepRecord, ...] = ()
+
+    def submission_fingerprint(self) -> str | None:
+        """The fingerprint of the submission that started the run (see :func:`models.messages.submission_fingerprint`).
+
+        None for a submission that was refused: it is recorded without a state,
+        and no submission can be "the same" as one that never ran.
+        """
+        if not isinstance(self.state, dict):
+            return None
+        stored = self.state.get("fingerprint")
+        if isinstance(stored, str):
+            return stored
+        try:  # a snapshot from before fingerprints were kept
+            state = RunState.model_validate(self.state)
+        except ValueError:
+            return None
+        return submission_fingerprint(state.plan, state.input)
 
 
 def _to_record(run: WorkflowRun, *, with_steps: bool) -> RunRecord:

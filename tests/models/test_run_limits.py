@@ -215,14 +215,12 @@ def test_the_version_is_above_both_before_and_after() -> None:
     assert reduced.version == 42
 
 
-def test_an_attempt_in_flight_before_is_cancelled_at_the_agent() -> None:
+def test_neither_the_attempt_whose_result_arrived_nor_the_next_unsent_one_is_cancelled() -> None:
     before = started()
     after, _ = step(before, result(before, at(1), output={"summary": "x" * 30_000}))
-    _, _, effects = too_large(before, after, when=at(1))
-    assert of_type(effects, CancelAgentTask) == [
-        CancelAgentTask(run_id=RUN_ID, step_id="s1", attempt=1, correlation_id=f"{RUN_ID}/s1/1", agent_name="agent-s1")
-    ]
-    assert effects.index(of_type(effects, CancelAgentTask)[0]) < len(effects) - 3
+    _, reduced, effects = too_large(before, after, when=at(1))
+    assert of_type(effects, CancelAgentTask) == []
+    assert reduced.steps["s2"].status is StepStatus.FAILED  # opened by the transition, never sent
 
 
 def test_a_stored_state_already_too_large_cancels_its_dispatched_attempt() -> None:
@@ -438,11 +436,14 @@ def test_any_oversize_run_is_failed_and_stored_reduced_within_the_limit(
     assert_failed_too_large(before, after, reduced, effects, size, limit)
     # Reading it back gives the same state (it is stored as JSON).
     assert RunState.model_validate_json(reduced.model_dump_json()) == reduced
-    # A cancel exactly when an attempt was in flight before (sent: dispatch_at <= at).
+    # A cancel exactly when an attempt was in flight before (sent: dispatch_at <= at) and is still
+    # waited for after the event (not the attempt whose result this is).
     expected_cancels = []
     if before is not None and before.status is RunStatus.RUNNING and before.current_step is not None:
         current = before.steps[before.current_step].current
-        if current is not None and not current.status.finished and current.dispatch_at <= when:
+        later = after.steps.get(before.current_step)
+        still = later is not None and later.current is not None and not later.current.status.finished
+        if current is not None and not current.status.finished and current.dispatch_at <= when and still:
             expected_cancels = [current.correlation_id]
     assert [c.correlation_id for c in of_type(effects, CancelAgentTask)] == expected_cancels
     # Every value still there is either unchanged or a note of a dropped value.

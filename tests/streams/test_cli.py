@@ -133,10 +133,16 @@ def test_an_unknown_run_id_is_sent() -> None:
     assert repeats_existing(submission(), None) is False
 
 
-@pytest.mark.parametrize("with_state", [True, False], ids=["fingerprint-kept", "recomputed-from-rows"])
-def test_the_same_submission_again_repeats_the_existing_run(with_state: bool) -> None:
+def test_the_same_submission_again_repeats_the_existing_run() -> None:
     sent = submission()
-    assert repeats_existing(submission(), record_of(sent, with_state=with_state)) is True
+    assert repeats_existing(submission(), record_of(sent, with_state=True)) is True
+
+
+def test_a_record_without_a_snapshot_is_a_refused_submission_not_the_same_run() -> None:
+    # Only a refused submission is recorded without a state (a run's record is its snapshot).
+    with pytest.raises(CliError) as caught:
+        repeats_existing(submission(), record_of(submission(), with_state=False))
+    assert caught.value.code == EXIT_BAD_INPUT
 
 
 def test_another_input_under_a_used_run_id_is_refused_with_the_reason() -> None:

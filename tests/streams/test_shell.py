@@ -181,6 +181,9 @@ class NoRecords:
     def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
         return False
 
+    def fingerprint(self, run_id: str) -> str | None:
+        return None
+
 
 @pytest.fixture
 def rig() -> Rig:
@@ -632,8 +635,9 @@ async def test_a_submission_still_starts_while_postgresql_is_down() -> None:
 
 
 class RecordedAs(NoRecords):
-    def __init__(self, status: str, state: RunState | None = None) -> None:
+    def __init__(self, status: str, state: RunState | None = None, fingerprint: str | None = None) -> None:
         self.status, self.state = status, state
+        self._fingerprint = fingerprint or (state.fingerprint if state is not None else None)
 
     def exists(self, run_id: str) -> str | None:
         return self.status
@@ -641,13 +645,35 @@ class RecordedAs(NoRecords):
     def get_state(self, run_id: str) -> RunState | None:
         return self.state
 
+    def fingerprint(self, run_id: str) -> str | None:
+        return self._fingerprint
+
 
 async def test_a_late_copy_of_a_finished_run_is_not_started_again() -> None:
     rig = make_rig()
-    rig.shell.records = RecordedAs("COMPLETED")
-    await rig.shell.submit(WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "x"}))
+    late = WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "x"})
+    rig.shell.records = RecordedAs("COMPLETED", fingerprint=late.fingerprint())
+    await rig.shell.submit(late)
     assert rig.runs == {}
     assert rig.tasks_sent() == []
+    assert rig.dead_letters() == []  # the same submission again: nothing to say
+
+
+async def test_another_submission_of_a_run_only_postgresql_knows_is_dead_lettered() -> None:
+    rig = make_rig()
+    first = WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "alpha"})
+    rig.shell.records = RecordedAs("COMPLETED", fingerprint=first.fingerprint())
+    await rig.shell.submit(WorkflowSubmission(run_id=RUN_ID, plan=make_plan(2), input={"text": "beta"}))
+    assert rig.runs == {}
+    assert rig.tasks_sent() == []
+    (letter,) = rig.dead_letters()
+    assert "already used by a different submission" in letter.reason
+    # A refused submission (recorded without a state) has no fingerprint: nothing is "the same" as it.
+    rig = make_rig()
+    rig.shell.records = RecordedAs("FAILED")
+    await rig.shell.submit(first)
+    assert rig.runs == {}
+    assert len(rig.dead_letters()) == 1
 
 
 async def test_a_submission_of_a_running_run_the_table_lost_restores_it() -> None:

@@ -124,7 +124,7 @@ async def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[
     repo, store = FakeRepository(), FakeStore()
     live: dict[str, RunState] = {}
     monkeypatch.setattr("streams.web.WorkflowRepository", lambda engine: repo)
-    monkeypatch.setattr("streams.web.RegistryStore", lambda engine: store)
+    monkeypatch.setattr("streams.web.RegistryStore", lambda engine, settings=None: store)
     monkeypatch.setattr(type(app.database), "engine", property(lambda self: object()))
     monkeypatch.setattr(app.shell, "load", live.get)
     monkeypatch.setattr(app.router, "route_req", AsyncMock(side_effect=SameNode()))
