@@ -321,3 +321,20 @@ def test_the_fingerprint_ignores_key_order_of_any_input(run_input: dict[str, Jso
     plan = make_plan(2)
     shuffled: dict[str, JsonValue] = dict(reversed(list(run_input.items())))
     assert submission_fingerprint(plan, run_input) == submission_fingerprint(plan, shuffled)
+
+
+def test_a_lone_surrogate_escape_is_refused_and_a_pair_is_text() -> None:
+    from models.messages import MessageDecodeError, WorkflowSubmission, decode
+
+    plan = {
+        "workflow_id": "w",
+        "name": "n",
+        "version": "1",
+        "start_step": "a",
+        "steps": {"a": {"id": "a", "agent_name": "x"}},
+    }
+    lone = json.dumps({"run_id": "r1", "plan": plan, "input": {"t": "\udc80"}})  # json.dumps escapes it
+    with pytest.raises(MessageDecodeError, match="lone surrogate"):
+        decode(WorkflowSubmission, lone.encode())
+    pair = json.dumps({"run_id": "r1", "plan": plan, "input": {"t": "\U0001f600", "u": "\\ud800 as text"}})
+    assert decode(WorkflowSubmission, pair.encode()).input == {"t": "\U0001f600", "u": "\\ud800 as text"}

@@ -393,3 +393,30 @@ def test_the_rig_limit_is_the_settings_minimum() -> None:
     field = Settings.model_fields["max_message_bytes"]
     assert any(getattr(m, "ge", None) == LIMIT for m in field.metadata)
     assert make_rig(max_message_bytes=LIMIT).shell.limit == LIMIT
+
+
+async def test_a_finished_run_over_a_lowered_limit_is_left_as_it_is(rig: Rig) -> None:
+    # Stored COMPLETED under a larger limit: it will not grow, and its record must stay what it was.
+    running = oversize_running_state()
+    done = running.model_copy(update={"status": RunStatus.COMPLETED, "output": {"summary": "ok"}})
+    rig.runs[KEY] = raw = done.model_dump_json().encode()
+    assert rig.shell.load(RUN_ID) == done
+    await rig.shell.handle(result(running, at(1)))  # a late duplicate result
+    assert rig.runs[KEY] == raw
+    assert rig.checkpoints.put_states == []
+    assert await rig.shell.resume_all(at(2)) == 0
+    assert control_sent(rig) == []
+
+
+async def test_an_unreadable_finished_run_is_left_as_it_is_and_the_event_parked(rig: Rig) -> None:
+    stored = json.loads(start(make_plan(2)).model_dump_json())
+    stored["status"] = "COMPLETED"
+    stored["steps"] = "not steps"  # unreadable, but it says it finished
+    rig.runs[KEY] = raw = json.dumps(stored).encode()
+    await rig.shell.handle(result(start(make_plan(2)), at(1)))
+    assert rig.runs[KEY] == raw
+    assert rig.checkpoints.put_states == []
+    (letter,) = rig.dead_letters()
+    assert "has finished, but its stored state cannot be read" in letter.reason
+    assert await rig.shell.resume_all(at(2)) == 0
+    assert control_sent(rig) == []
