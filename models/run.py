@@ -71,6 +71,7 @@ __all__ = [
     "fail_too_large",
     "fail_unreadable",
     "resume",
+    "retry_refusal",
     "transition",
 ]
 
@@ -571,10 +572,17 @@ UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADA
 """Runs stored without their data (or unreadable): a retry would run on what is left, so it is refused."""
 
 
+def retry_refusal(run_id: str, error_kind: str | None) -> str | None:
+    """Why a FAILED run with this error kind cannot be retried, or None if it can."""
+    if error_kind not in UNRETRIABLE_RUN_ERRORS:
+        return None
+    return f"run {run_id!r} failed with {error_kind}: its data were not kept, so it cannot be retried"
+
+
 def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
-    if state.status is RunStatus.FAILED and state.error is not None and state.error.kind in UNRETRIABLE_RUN_ERRORS:
-        reason = f"run {state.run_id!r} failed with {state.error.kind}: its data were not kept, so it cannot be retried"
-        return state, [DeadLetter(run_id=state.run_id, reason=reason)]
+    refusal = retry_refusal(state.run_id, state.error.kind if state.error is not None else None)
+    if state.status is RunStatus.FAILED and refusal is not None:
+        return state, [DeadLetter(run_id=state.run_id, reason=refusal)]
     if state.status is not RunStatus.FAILED or state.current_step is None:
         return state, []  # only a run that failed at a step can be retried
     step = state.steps.get(state.current_step)
@@ -867,7 +875,7 @@ def dropped(value: JsonValue, reason: str) -> dict[str, JsonValue]:
 
     Both are of the value as compact UTF-8 JSON.
     """
-    raw = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    raw = _compact_json(value)
     return {"dropped": {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "reason": reason}}
 
 
@@ -942,34 +950,30 @@ def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime, *, limit: 
         message=f"the run's stored state cannot be read, so the run cannot go on: {reason}",
         details={"reason": reason[:2000]},
     )
+    failed = RunState(
+        run_id=run_id,
+        status=RunStatus.FAILED,
+        plan=plan,
+        input={},
+        error=error,
+        created_at=at,
+        completed_at=at,
+        updated_at=at,
+        version=_UNKNOWN_VERSION,
+    )
+    salvaged = {
+        "input": run_input,
+        "created_at": data.get("created_at") or at,
+        "started_at": data.get("started_at"),
+        # Above the stored snapshot's, so that this record replaces it in PostgreSQL.
+        "version": version + 1
+        if isinstance(version, int) and not isinstance(version, bool) and version >= 1
+        else _UNKNOWN_VERSION,
+    }
     try:
-        state = RunState(
-            run_id=run_id,
-            status=RunStatus.FAILED,
-            plan=plan,
-            input=run_input,
-            error=error,
-            created_at=data.get("created_at") or at,
-            started_at=data.get("started_at"),
-            completed_at=at,
-            updated_at=at,
-            # Above the stored snapshot's, so that this record replaces it in PostgreSQL.
-            version=version + 1
-            if isinstance(version, int) and not isinstance(version, bool) and version >= 1
-            else _UNKNOWN_VERSION,
-        )
-    except ValueError:
-        state = RunState(
-            run_id=run_id,
-            status=RunStatus.FAILED,
-            plan=plan,
-            input={},
-            error=error,
-            created_at=at,
-            completed_at=at,
-            updated_at=at,
-            version=_UNKNOWN_VERSION,
-        )
+        state = RunState.model_validate({**failed.model_dump(), **salvaged})
+    except ValueError:  # what was kept is itself broken (a time that is not one, say)
+        state = failed
     state = _reduce(state, limit, ErrorKind.UNREADABLE_STATE)
     return state, _finish_effects(state, at)
 
@@ -1112,9 +1116,13 @@ def _small_details(details: JsonValue) -> JsonValue:
     return details if _json_size(details) <= _KEEP_BYTES else None
 
 
+def _compact_json(value: JsonValue) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
 def _json_size(value: JsonValue) -> int:
     """The bytes of ``value`` as compact JSON (what :func:`dropped` counts)."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    return len(_compact_json(value))
 
 
 def _is_dropped(value: JsonValue) -> bool:

@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from models.agents import AgentEntry
 from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
-from models.run import UNRETRIABLE_RUN_ERRORS, RunState, RunStatus
+from models.run import RunState, RunStatus, retry_refusal
 from streams.submissions import Refusal, SubmissionRefused, encode_submission, is_repeat
 from switchyard import http_guard, topics
 from switchyard.db import RunRecord, WorkflowRepository
@@ -67,8 +67,8 @@ def refuse_command(
     """Why a user's command cannot apply to a run with this status (and error kind), or None if it can."""
     if status is None:
         return f"no run {run_id!r}"
-    if command is ControlCommand.RETRY and error_kind in UNRETRIABLE_RUN_ERRORS:
-        return f"run {run_id!r} failed with {error_kind}: its data were not kept, so it cannot be retried"
+    if command is ControlCommand.RETRY and (refusal := retry_refusal(run_id, error_kind)) is not None:
+        return refusal
     if command is ControlCommand.CANCEL and RunStatus(status).finished:
         return f"run {run_id!r} is already {status}"
     if command is ControlCommand.RETRY and status != RunStatus.FAILED:
@@ -322,10 +322,7 @@ async def _existing(
     app: ExecutorApp, run_id: str, *, ask_postgresql: bool = True
 ) -> tuple[RunState | None, RunRecord | None]:
     """A run's live state on this worker, else (when asked) its record in PostgreSQL; either may be None."""
-    try:
-        live = app.shell.load(run_id)
-    except ValueError:  # a state this version cannot read: the record decides
-        live = None
+    live = app.shell.load(run_id)  # None also for a state it cannot read: the record decides
     if live is not None or not ask_postgresql:
         return live, None  # the live state decides; no need to ask PostgreSQL
     record = await asyncio.to_thread(_repo(app).get_run, run_id, with_steps=False)
@@ -435,10 +432,7 @@ def register(app: ExecutorApp) -> None:
 
         @app.table_route(table=app.runs, match_info="run_id")  # type: ignore[arg-type]
         async def owned(self, request: web.Request, run_id: str) -> web.Response:
-            try:
-                state = app.shell.load(run_id)
-            except ValueError:  # a state this version cannot read: show the record
-                state = None
+            state = app.shell.load(run_id)  # None also for a state it cannot read: the record is shown
             if state is not None:
                 return self.json(state_view(state))
             record = await asyncio.to_thread(_repo(app).get_run, run_id)

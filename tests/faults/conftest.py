@@ -768,6 +768,16 @@ class FaultStack:
                 times[update.run_id].add(update.timestamp)
         return times
 
+    def assert_serving(self, label: str) -> None:
+        """After a hostile case: both workers are up, neither crashed, and a good run completes with its output."""
+        for name in ("executor", "bridge"):
+            assert self.process(name).alive(), self.logs(name)
+            assert not self.log_lines(name, "We experienced a crash"), self.logs(name)
+        (run_id,) = self.submit(chain("summarizer"), 1, label)
+        record = self.wait_terminal([run_id], timeout=60)[run_id]
+        assert record.status == "COMPLETED", (record.error, self.logs())
+        assert record.output == expected_output(self.inputs[run_id])
+
     def verify_completed(
         self, run_ids: Sequence[str], label: str, *, agents: Iterable[str] | None = None, timeout: float = 60.0
     ) -> Figures:

@@ -45,10 +45,7 @@ def hostile_stack(stack_places: StackPlaces) -> Iterator[FaultStack]:
 def faults(hostile_stack: FaultStack) -> Iterator[FaultStack]:
     """The module's stack; after the test, a fresh run must still complete (the worker still serves)."""
     yield hostile_stack
-    assert hostile_stack.process("executor").alive(), hostile_stack.logs("executor")
-    run_ids = hostile_stack.submit(chain("summarizer"), 1, "still serving")
-    records = hostile_stack.wait_terminal(run_ids, timeout=60)
-    assert [r.status for r in records.values()] == ["COMPLETED"], hostile_stack.logs()
+    hostile_stack.assert_serving("still serving")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from tests.faults.conftest import (
     FaultStack,
     StackPlaces,
     chain,
-    expected_output,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
@@ -59,15 +58,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def still_serves(stack: FaultStack, label: str) -> None:
-    """The worker is up and a good run completes with the right output."""
-    assert stack.process("executor").alive(), stack.logs("executor")
-    (run_id,) = stack.submit(chain("summarizer"), 1, label)
-    record = stack.wait_terminal([run_id])[run_id]
-    assert record.status == "COMPLETED", record.error
-    assert record.output == expected_output(stack.inputs[run_id])
-
-
 def never_recorded(stack: FaultStack, *run_ids: str) -> None:
     """None of ``run_ids`` reached PostgreSQL (checked after a good run went all the way through)."""
     assert stack.statuses(run_ids) == {}
@@ -93,7 +83,7 @@ def test_an_oversize_submission_is_413_with_its_size_and_the_limit(stack: FaultS
     assert answer["size"] > MAX_MESSAGE_BYTES
     assert answer["limit"] == MAX_MESSAGE_BYTES
 
-    still_serves(stack, "after oversize")
+    stack.assert_serving("after oversize")
     never_recorded(stack, run_id, compact["run_id"])
 
 
@@ -118,7 +108,7 @@ def test_a_reused_run_id_means_the_same_run(stack: FaultStack) -> None:
     assert answer["status"] == "COMPLETED"
     assert run_id in answer["error"]
 
-    still_serves(stack, "after reuse")
+    stack.assert_serving("after reuse")
     again = stack.run(run_id)
     assert again is not None
     assert (again.input, again.output, again.completed_at) == (first.input, first.output, first.completed_at)
@@ -156,7 +146,7 @@ def test_cross_site_posts_are_refused_and_start_nothing(stack: FaultStack) -> No
     assert status == 202, answer
     assert stack.wait_terminal([answer["run_id"]])[answer["run_id"]].status == "COMPLETED"
 
-    still_serves(stack, "after cross-site")
+    stack.assert_serving("after cross-site")
     never_recorded(stack, form_run, json_run, no_type_run)
     status, agent = send(stack, "GET", "/agents/summarizer")
     assert status == 200, "the cross-site DELETE deleted nothing"
@@ -178,7 +168,7 @@ def test_fausts_own_views_are_behind_the_token(stack: FaultStack) -> None:
     # Switchyard's own routed view works, through the same machinery Faust's views use.
     status, view = send(stack, "GET", f"/runs/{run_id}/")
     assert (status, view["status"]) == (200, "COMPLETED")
-    still_serves(stack, "after Faust's views")
+    stack.assert_serving("after Faust's views")
 
 
 def test_router_errors_are_json(stack: FaultStack) -> None:
@@ -197,7 +187,7 @@ def test_router_errors_are_json(stack: FaultStack) -> None:
     assert "not valid JSON" in answer["error"]
     status, answer = post_json(stack, "/runs/", {"plan": chain("summarizer")}, Authorization="Bearer wrong")
     assert status == 401
-    still_serves(stack, "after router errors")
+    stack.assert_serving("after router errors")
 
 
 def test_nul_in_a_path_or_a_body_field_is_400_naming_it(stack: FaultStack) -> None:
@@ -229,7 +219,7 @@ def test_nul_in_a_path_or_a_body_field_is_400_naming_it(stack: FaultStack) -> No
     status, answer = send(stack, "GET", "/runs/not%20a%20run%20id/")
     assert status == 404, answer
 
-    still_serves(stack, "after NUL")
+    stack.assert_serving("after NUL")
     never_recorded(stack, run_id)
     status, _ = send(stack, "GET", "/agents/nul-agent")
     assert status == 404

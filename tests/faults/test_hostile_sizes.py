@@ -39,7 +39,6 @@ from tests.faults.conftest import (
     StackPlaces,
     chain,
     dead_letters,
-    expected_output,
     http_request,
     payload_of,
     poll,
@@ -80,20 +79,6 @@ def sizes(stack_places: StackPlaces) -> Iterator[FaultStack]:
         yield stack
 
 
-def good_run_completes(stack: FaultStack, label: str) -> None:
-    (run_id,) = stack.submit(chain("summarizer"), 1, label)
-    record = stack.wait_terminal([run_id], timeout=60)[run_id]
-    assert record.status == "COMPLETED", (record.error, stack.logs())
-    assert record.output == expected_output(stack.inputs[run_id])
-
-
-def assert_serving(stack: FaultStack, label: str) -> None:
-    for name in ("executor", "bridge"):
-        assert stack.process(name).alive(), stack.logs(name)
-        assert not stack.log_lines(name, "We experienced a crash"), stack.logs(name)
-    good_run_completes(stack, label)
-
-
 def error_of(stack: FaultStack, run_id: str) -> dict[str, Any]:
     record = stack.run(run_id)
     assert record is not None
@@ -103,7 +88,7 @@ def error_of(stack: FaultStack, run_id: str) -> dict[str, Any]:
 
 def test_a_state_over_the_limit_fails_its_run_and_stays_failed_across_a_kill(sizes: FaultStack) -> None:
     stack = sizes
-    good_run_completes(stack, "before")
+    stack.assert_serving("before")
 
     # 1. The 600 KB submission that doubles itself, through the HTTP API.
     run_id = new_run_id()
@@ -130,7 +115,7 @@ def test_a_state_over_the_limit_fails_its_run_and_stays_failed_across_a_kill(siz
     retried = stack.cli("retry", run_id)
     assert retried.returncode == 1
     assert "cannot be retried" in retried.stderr
-    assert_serving(stack, "after the doubling run")
+    stack.assert_serving("after the doubling run")
 
     # 2. A run an earlier version checkpointed RUNNING with a state over the limit.
     legacy_id = f"legacy-{uuid.uuid4().hex[:8]}"
@@ -154,7 +139,7 @@ def test_a_state_over_the_limit_fails_its_run_and_stays_failed_across_a_kill(siz
     status, live = stack.live(run_id)
     assert status == 200
     assert live["status"] == "FAILED", live
-    assert_serving(stack, "after the restart")
+    stack.assert_serving("after the restart")
 
 
 def test_an_agent_answer_over_the_limit_fails_at_once_and_the_agent_is_called_once(sizes: FaultStack) -> None:
@@ -174,7 +159,7 @@ def test_an_agent_answer_over_the_limit_fails_at_once_and_the_agent_is_called_on
     assert f"over the limit of {LIMIT} bytes" in error["message"]
     assert [(a.step_id, a.attempt) for a in record.steps] == [("a", 1)]  # not retried
     assert sum(stack.calls([run_id], ["big"]).values()) == 1
-    assert_serving(stack, "after the big answer")
+    stack.assert_serving("after the big answer")
 
 
 def test_dead_letters_over_the_limit_are_cut_to_fit_and_never_lost(sizes: FaultStack) -> None:
@@ -213,4 +198,4 @@ def test_dead_letters_over_the_limit_are_cut_to_fit_and_never_lost(sizes: FaultS
     error = error_of(stack, big_id)
     assert error["kind"] == "invalid_submission"
     assert "over the limit of" in error["message"]
-    assert_serving(stack, "after the oversize dead letters")
+    stack.assert_serving("after the oversize dead letters")

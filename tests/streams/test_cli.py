@@ -316,13 +316,13 @@ def test_an_unusable_registry_file_is_one_line(tmp_path: Path, content: str | No
 
 
 def test_an_unreadable_registry_file_is_one_line(tmp_path: Path) -> None:
-    path = tmp_path / "agents.json"
-    path.write_text("[]")
-    path.chmod(0)
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    with pytest.raises(CliError, match="cannot read"):
+    # Under a regular file, a path cannot be read by anyone (root too: CI runs as root).
+    (tmp_path / "not-a-folder").write_text("[]")
+    path = tmp_path / "not-a-folder" / "agents.json"
+    with pytest.raises(CliError, match="cannot read") as caught:
         load_agents_file(path)
+    assert caught.value.code == EXIT_BAD_INPUT
+    assert "\n" not in str(caught.value)
 
 
 def test_the_example_registry_loads() -> None:
