@@ -105,6 +105,9 @@ INTERNAL_ERROR: Final = ErrorKind.BRIDGE_ERROR
 _RETRIED_STATUSES: Final = frozenset({408, 429})
 _DEADLINE_GRACE_S: Final = 0.1
 _CARD_MAX_BYTES: Final = 1024 * 1024
+_COUNT_UP_TO: Final = 4
+"""An answer over the limit with no Content-Length is read on (and dropped) up to this many times the limit,
+so that its size can be named."""
 
 
 @dataclass(frozen=True)
@@ -192,16 +195,28 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None if it is longer than ``limit`` bytes."""
+@dataclass(frozen=True)
+class _TooLarge:
+    """A body over the limit; ``size`` is its whole size when it was counted (None: past what is counted)."""
+
+    size: int | None
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int, *, count_up_to: int = 0) -> bytes | _TooLarge:
+    """The body, or :class:`_TooLarge` if it is longer than ``limit`` bytes.
+
+    A body over the limit is read on, and dropped, up to ``count_up_to`` bytes
+    so that its size can be named.
+    """
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(64 * 1024):
         size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if size > max(limit, count_up_to):
+            return _TooLarge(None)
+        if size <= limit:
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else _TooLarge(size)
 
 
 class _Call:
@@ -326,13 +341,14 @@ class AgentCaller:
                 status = response.status
                 if 200 <= status <= 299:
                     limit = self.settings.max_response_bytes
-                    payload = await _read_limited(response, limit)
-                    if payload is None:
+                    payload = await _read_limited(response, limit, count_up_to=_COUNT_UP_TO * limit)
+                    if isinstance(payload, _TooLarge):
                         # Final: the same agent gives the same answer, and it can never be carried.
-                        size = f" {response.content_length} bytes," if response.content_length else ""
+                        size = response.content_length or payload.size
+                        shown = f"{size} bytes" if size is not None else f"more than {_COUNT_UP_TO * limit} bytes"
                         return Failed(
                             ErrorKind.OUTPUT_TOO_LARGE.value,
-                            f"the agent's answer is{size} over the limit of {limit} bytes "
+                            f"the agent's answer is {shown}, over the limit of {limit} bytes "
                             "(SWITCHYARD_MAX_MESSAGE_BYTES)",
                             retriable=False,
                         )
@@ -486,6 +502,6 @@ async def fetch_card(session: aiohttp.ClientSession, base_url: str, *, timeout_s
         raise AgentCardError(f"{shown} did not answer within {timeout_s:g}s") from None
     except (aiohttp.ClientError, OSError) as error:
         raise AgentCardError(f"cannot reach {shown}: {type(error).__name__}: {error}") from None
-    if body is None:
+    if isinstance(body, _TooLarge):
         raise AgentCardError(f"the agent card at {shown} is larger than {_CARD_MAX_BYTES} bytes")
     return parse_agent_card(body, str(response.url))

@@ -179,6 +179,33 @@ async def test_an_answer_over_the_size_limit_is_a_final_output_too_large(
     assert agent.stats.calls == 1  # not asked again: the same agent would give the same answer
 
 
+@pytest.mark.parametrize(("body_bytes", "named"), [(300, "300 bytes"), (1000, "more than 400 bytes")])
+async def test_an_answer_over_the_limit_without_a_length_names_its_size(
+    session: aiohttp.ClientSession, body_bytes: int, named: str
+) -> None:
+    # A chunked answer carries no Content-Length: the bridge counts it (up to 4x the limit) to name its size.
+    from aiohttp.test_utils import TestServer
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(body_bytes // 50):
+            await response.write(b"x" * 50)
+        await response.write_eof()
+        return response
+
+    server_app = web.Application()
+    server_app.router.add_post("/", chunked)
+    async with TestServer(server_app, host="127.0.0.1") as server:
+        small = AgentCaller(session, CallSettings(max_response_bytes=100))
+        result = await small.call(make_task(), entry(str(server.make_url("/"))))
+    assert result.error is not None
+    assert result.error.kind == "output_too_large"
+    assert f"the agent's answer is {named}, over the limit of 100 bytes" in result.error.message
+    assert not result.error.retriable
+
+
 async def test_input_required(start: StartAgent, caller: AgentCaller) -> None:
     agent = await start(input_required=True)
     result = await caller.call(make_task(), entry(agent))
