@@ -417,7 +417,8 @@ class AgentCaller:
         else:  # Pending never leaves _Call.run
             error = AgentError(kind=INTERNAL_ERROR, message="the call ended with a pending task", retriable=True)
         status = ResultStatus.SUCCESS if error is None else ResultStatus.FAILURE
-        log = logger.info if error is None else logger.warning
+        # One line per failure; successes only at DEBUG (a line per call costs the bridge CPU at thousands a second).
+        log = logger.debug if error is None else logger.warning
         log(
             "%s for %s from %s (%s): %s",
             status.value,

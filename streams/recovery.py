@@ -27,6 +27,7 @@ from aiokafka.partitioner import murmur2
 
 from models.messages import ControlCommand, ControlMessage, encode, utcnow
 from switchyard.db import WorkflowRepository
+from switchyard.kafka import end_offsets
 from switchyard.settings import Settings
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ async def _end_offsets(settings: Settings, topic: str, partitions: int) -> dict[
         if topic not in await consumer.topics():
             return {}
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        ends = await consumer.end_offsets(tps)
+        ends = await end_offsets(consumer, tps, embedded_broker=settings.embedded_broker)
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
@@ -111,6 +112,7 @@ class PartitionRecovery:
         self.owned: set[int] = set()
         self.resumed = 0
         self.restore_requests = 0
+        self.checkpointed_again = 0
         self._running: asyncio.Task[None] | None = None
 
     def current(self) -> set[int]:
@@ -166,12 +168,23 @@ class PartitionRecovery:
             message = ControlMessage(run_id=run_id, command=ControlCommand.RESTORE, reason="not in the table")
             await self.app.control_topic.send(key=run_id.encode(), value=encode(message))
             self.restore_requests += 1
-        if resumed or missing:
+        behind = resent = 0
+        try:
+            recorded = await asyncio.to_thread(WorkflowRepository(self.app.database.engine).versions, local)
+        except Exception as error:  # PostgreSQL away: runs go on; the next rebalance or restart catches up
+            log.warning("partitions %s: cannot compare with PostgreSQL (%s)", sorted(wanted), type(error).__name__)
+        else:
+            behind, resent = await self.app.shell.catch_up(local, recorded)
+        self.checkpointed_again += behind
+        if resumed or missing or behind or resent:
             log.info(
-                "partitions %s: resumed %d run(s), asked to restore %d from PostgreSQL",
+                "partitions %s: resumed %d run(s), asked to restore %d from PostgreSQL, "
+                "checkpointed %d again, sent %d final update(s) again",
                 sorted(wanted),
                 resumed,
                 len(missing),
+                behind,
+                resent,
             )
 
     async def ask_again(self, partitions: Iterable[int]) -> None:

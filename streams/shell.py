@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeAlias
 
@@ -49,6 +49,7 @@ from models.run import (
     event_run_id,
     fail_too_large,
     fail_unreadable,
+    final_update,
     resume,
     transition,
 )
@@ -535,6 +536,43 @@ class RunShell:
         """Send an unprocessable message to the dead-letter topic with the reason (cut to fit if it must be)."""
         await self.deadletters.park(source_topic, key, payload, reason)
 
+    async def catch_up(self, run_ids: Iterable[str], recorded: Mapping[str, int]) -> tuple[int, int]:
+        """Write again what a crash may have lost of runs that moved last: their checkpoint, their final update.
+
+        A kill -9 loses the snapshots the checkpointer had not written yet and
+        the records the producer had not sent. The changelog may still have
+        the state those belonged to; then the event that caused them is
+        delivered again, changes nothing, and sends nothing. A run that went on
+        writes a newer snapshot and update later, but one that finished just
+        before the crash would stay RUNNING (or unrecorded) in PostgreSQL, and
+        its end unseen on the monitoring topic.
+
+        So: every run whose stored version is newer than PostgreSQL's record is
+        checkpointed again, and the final update of every run that finished
+        within :data:`CRASH_WINDOW` of the newest change among ``run_ids`` (when
+        the last worker stopped, or crashed) is published again. Faust flushes
+        the producer before it commits, every few seconds, so records older
+        than that window were sent.
+
+        Args:
+            run_ids: Runs of the table (the partitions just gained).
+            recorded: PostgreSQL's version of each run it has.
+
+        Returns:
+            How many runs were checkpointed again, and how many final updates sent again.
+        """
+        states = [state for state in map(self.load, run_ids) if state is not None]
+        behind = [state for state in states if state.version > recorded.get(state.run_id, 0)]
+        for state in behind:
+            self.checkpoints.put(state)
+        if not states:
+            return 0, 0
+        since = max(state.updated_at for state in states) - CRASH_WINDOW
+        updates = [final_update(state) for state in states if state.updated_at >= since]
+        resent = [update for update in updates if update is not None]
+        await self.carry_out(resent)
+        return len(behind), len(resent)
+
     async def resume_all(
         self, now: datetime, belongs: Callable[[str], bool] | None = None, *, dispatches_only: bool = False
     ) -> int:
@@ -581,6 +619,10 @@ class RunShell:
                 resumed += 1
                 await self.carry_out(effects)
         return resumed
+
+
+CRASH_WINDOW = timedelta(seconds=10)
+"""How long before a worker's last change records it produced may not have been sent (Faust commits every 2.8 s)."""
 
 
 def _timeout_key(effect: ScheduleTimeout) -> str:

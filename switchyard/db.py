@@ -265,6 +265,19 @@ class WorkflowRepository(_Repository):
         with self._begin() as session:
             return session.scalar(select(WorkflowRun.status).where(WorkflowRun.run_id == run_id))
 
+    def versions(self, run_ids: Iterable[str], *, page: int = 2000) -> dict[str, int]:
+        """The recorded ``version`` of each of these runs that PostgreSQL has (absent: not recorded)."""
+        wanted = sorted(set(run_ids))
+        found: dict[str, int] = {}
+        with self._begin() as session:
+            for start in range(0, len(wanted), page):
+                chunk = wanted[start : start + page]
+                rows = session.execute(
+                    select(WorkflowRun.run_id, WorkflowRun.version).where(WorkflowRun.run_id.in_(chunk))
+                )
+                found.update({run_id: int(version) for run_id, version in rows})
+        return found
+
     def running_ids(self, *, after: str = "", limit: int = 1000) -> list[str]:
         """Ids of RUNNING runs, by run_id, a page at a time (``after`` the last id seen)."""
         query = (

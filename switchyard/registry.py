@@ -317,30 +317,49 @@ class HttpRegistry:
 
 
 class CachedRegistry:
-    """A TTL cache in front of another registry; misses are cached too, for a shorter time."""
+    """A TTL cache in front of another registry; misses are cached too, for a shorter time.
+
+    Lookups of one name that miss at the same time share one request to the
+    inner registry: the bridge takes thousands of tasks at once, and they
+    would otherwise all ask the database (or the registry service) together
+    when an entry expires.
+    """
 
     def __init__(self, inner: Registry, ttl_s: float = 30.0, *, miss_ttl_s: float | None = None) -> None:
         self._inner = inner
         self._ttl = ttl_s
         self._miss_ttl = min(ttl_s, 2.0) if miss_ttl_s is None else miss_ttl_s
         self._entries: dict[str, tuple[float, AgentEntry | None]] = {}
+        self._asking: dict[str, asyncio.Future[AgentEntry | None]] = {}
         self.lookups = 0
         self.misses = 0
 
     async def get(self, name: str) -> AgentEntry | None:
         """See :class:`Registry`."""
         self.lookups += 1
-        now = time.monotonic()
         cached = self._entries.get(name)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        self.misses += 1
-        entry = await self._inner.get(name)
-        self._entries[name] = (now + (self._ttl if entry is not None else self._miss_ttl), entry)
+        asking = self._asking.get(name)
+        if asking is None:
+            self.misses += 1
+            asking = self._asking[name] = asyncio.ensure_future(self._ask(name))
+            # Read the outcome even when every waiter was cancelled (no "exception never retrieved").
+            asking.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # Shielded: a waiter cancelled does not cancel the lookup the others wait for.
+        return await asyncio.shield(asking)
+
+    async def _ask(self, name: str) -> AgentEntry | None:
+        asked = time.monotonic()
+        try:
+            entry = await self._inner.get(name)
+        finally:
+            self._asking.pop(name, None)
+        self._entries[name] = (asked + (self._ttl if entry is not None else self._miss_ttl), entry)
         return entry
 
     def invalidate(self, name: str | None = None) -> None:
-        """Forget one agent, or everything."""
+        """Forget one agent, or everything (a lookup under way still stores what it finds)."""
         if name is None:
             self._entries.clear()
         else:

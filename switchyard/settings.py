@@ -46,7 +46,30 @@ class Settings(BaseSettings):
 
     # --- streams
     topic_partitions: int = Field(4, ge=1, le=256, description="Partitions of every run-keyed topic and table.")
-    bridge_concurrency: int = Field(64, ge=1, le=4096, description="Agent calls in flight per bridge worker.")
+    embedded_fetch_wait_ms: int = Field(
+        10, ge=1, le=1500, description="Embedded broker only: how long a fetch may wait while records flow."
+    )
+    embedded_idle_fetch_wait_ms: int = Field(
+        500, ge=1, le=5000, description="Embedded broker only: how long a fetch may wait once a consumer is idle."
+    )
+    embedded_idle_after_s: float = Field(
+        1.0, ge=0, le=600, description="Embedded broker only: seconds without records after which a consumer is idle."
+    )
+    bridge_concurrency: int = Field(
+        4096,
+        ge=1,
+        le=100_000,
+        description="Agent calls in flight per bridge worker (each holds a connection: see the open-file limit).",
+    )
+    bridge_max_waiting: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Tasks a bridge worker holds whose call has not started (their agent at its max_concurrency, or every"
+            " call slot taken); when reached, the worker takes no more tasks from the topic until one starts."
+        ),
+    )
     max_message_bytes: int = Field(
         1_000_000,
         ge=16_384,

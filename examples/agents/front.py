@@ -4,9 +4,13 @@ Everything an agent is asked goes through :meth:`Front.rpc` (``POST /``):
 
 * Counting: ``GET /stats`` (:meth:`Front.stats_view`) answers ``{"calls": N,
   "by_message_id": {...}, "by_idempotency_key": {...}, "methods": {...},
-  "injected_failures": N, "auth_rejected": N}``. ``calls`` counts every
-  SendMessage request that arrived (``message/send`` in 0.3), failed ones
-  included, so it can be compared with the attempts a caller recorded.
+  "injected_failures": N, "auth_rejected": N, "in_flight": N,
+  "peak_in_flight": N}``. ``calls`` counts every SendMessage request that
+  arrived (``message/send`` in 0.3), failed ones included, so it can be
+  compared with the attempts a caller recorded. ``in_flight`` is the number
+  of SendMessage requests being answered now, ``peak_in_flight`` the most at
+  once since the start or since ``POST /stats/reset-peak`` (which answers the
+  stats as they were, then starts a new peak from the calls in flight).
 * Auth (``auth_token``): requests without the token get HTTP 401.
 * ``protocol="0.3"``: the SDK's 0.3 compatibility layer sits beside its 1.0
   methods, so the front answers 1.0 method names with JSON-RPC -32601, as a
@@ -56,6 +60,21 @@ class Stats:
     methods: Counter[str] = field(default_factory=Counter)
     injected_failures: int = 0
     auth_rejected: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def call_started(self) -> None:
+        """A SendMessage request is being answered."""
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def call_finished(self) -> None:
+        """A SendMessage request has been answered (or failed)."""
+        self.in_flight -= 1
+
+    def reset_peak(self) -> None:
+        """Start a new peak window: from the calls in flight now."""
+        self.peak_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON view, as ``GET /stats`` serves it."""
@@ -66,6 +85,8 @@ class Stats:
             "methods": dict(self.methods),
             "injected_failures": self.injected_failures,
             "auth_rejected": self.auth_rejected,
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
         }
 
 
@@ -162,6 +183,15 @@ class Front:
         body = await request.read()
         parsed = _read_request(body)
         self._count(parsed)
+        if parsed.method not in _SEND_METHODS:
+            return await self._answer(request, parsed, body)
+        self.stats.call_started()
+        try:
+            return await self._answer(request, parsed, body)
+        finally:
+            self.stats.call_finished()
+
+    async def _answer(self, request: web.Request, parsed: _Request, body: bytes) -> web.StreamResponse:
         config = self.config
         if not self._authorized(request):
             self.stats.auth_rejected += 1
@@ -186,6 +216,12 @@ class Front:
     async def stats_view(self, request: web.Request) -> web.Response:
         """``GET /stats``: the counts."""
         return web.json_response(self.stats.snapshot())
+
+    async def reset_peak_view(self, request: web.Request) -> web.Response:
+        """``POST /stats/reset-peak``: the counts as they were, then a new peak window."""
+        snapshot = self.stats.snapshot()
+        self.stats.reset_peak()
+        return web.json_response(snapshot)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Anything else: the SDK's app answers."""

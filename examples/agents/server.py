@@ -115,6 +115,7 @@ async def start_agent(spec: AgentSpec, config: AgentConfig) -> RunningAgent:
     app = web.Application()
     app.router.add_post("/", front.rpc)
     app.router.add_get("/stats", front.stats_view)
+    app.router.add_post("/stats/reset-peak", front.reset_peak_view)
     app.router.add_route("*", "/{tail:.*}", front.forward)
 
     async def drain(_: web.Application) -> None:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Skill", "SkillInputError", "research", "review", "summarize"]
+__all__ = ["Skill", "SkillInputError", "echo", "research", "review", "summarize"]
 
 Skill = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -91,3 +91,8 @@ def review(data: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         return {"approved": False, "comments": "; ".join(problems).capitalize() + "."}
     return {"approved": True, "comments": f"Approved: {len(summary.split())} words backed by {len(sources)} source(s)."}
+
+
+def echo(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The input, unchanged: a zero-work agent, so that a benchmark measures the caller, not the agent."""
+    return dict(data)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import faust
 import pytest
+from faust.types import TP, ConsumerMessage
 
-from agents_bridge.app import Bridge
-from models.messages import AgentResult, AgentTask, utcnow
+from agents_bridge.app import Bridge, BridgeApp, Taken, create_app, take_apart
+from agents_bridge.intake import Intake
+from agents_bridge.slots import SentAway
+from models.agents import AgentEntry
+from models.messages import AgentResult, AgentTask, encode, utcnow
 from switchyard.settings import Settings
 from tests.models.run_builders import success_for
 
@@ -40,7 +49,8 @@ class GatedAgent:
     calls: list[str] = field(default_factory=list)
     published: list[AgentResult] = field(default_factory=list)
 
-    async def execute(self, task: AgentTask) -> AgentResult:
+    async def execute(self, task: AgentTask, started: Callable[[], None]) -> AgentResult:
+        started()
         self.calls.append(task.correlation_id)
         await self.gate.wait()
         return success_for(task, {"ok": True})
@@ -96,3 +106,212 @@ async def test_a_repeat_from_another_message_returns_at_once_and_the_same_messag
     assert again == result
     assert agent.published == [result], "published once, by the call"
     assert bridge.memory.joined == 2
+
+
+# ------------------------------------------------- slots: per-agent limits
+
+
+def _task_for(agent: str, n: int, *, within_s: float = 30) -> AgentTask:
+    return AgentTask(
+        correlation_id=f"run-{agent}-{n}/s1/1",
+        run_id=f"run-{agent}-{n}",
+        step_id="s1",
+        attempt=1,
+        agent_name=agent,
+        input={},
+        deadline=utcnow() + timedelta(seconds=within_s),
+    )
+
+
+@dataclass
+class Registry:
+    entries: dict[str, AgentEntry]
+
+    async def get(self, name: str) -> AgentEntry | None:
+        return self.entries.get(name)
+
+
+@dataclass
+class Caller:
+    """Stands in for AgentCaller: each call waits for its gate; records which calls are running."""
+
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+    called: list[str] = field(default_factory=list)
+
+    async def call(self, task: AgentTask, agent: AgentEntry) -> AgentResult:
+        self.called.append(task.correlation_id)
+        self.running.add(task.correlation_id)
+        try:
+            await self.gates.setdefault(task.correlation_id, asyncio.Event()).wait()
+        finally:
+            self.running.discard(task.correlation_id)
+        return success_for(task, {"ok": True})
+
+    def open(self, task: AgentTask) -> None:
+        self.gates.setdefault(task.correlation_id, asyncio.Event()).set()
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> tuple[Bridge, Caller]:
+    bridge = Bridge(Settings(data_dir=tmp_path, registry_url="http://127.0.0.1:9", bridge_concurrency=4))
+    caller = Caller()
+    bridge._registry = Registry(
+        {
+            "slow": AgentEntry(name="slow", url="http://127.0.0.1:9/", max_concurrency=2),
+            "fast": AgentEntry(name="fast", url="http://127.0.0.1:9/"),
+        }
+    )
+    bridge._caller = caller  # type: ignore[assignment]
+    return bridge, caller
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_calls_beyond_an_agents_max_concurrency_wait_and_other_agents_go_through(
+    limited: tuple[Bridge, Caller],
+) -> None:
+    bridge, caller = limited
+    started: list[str] = []
+    slow = [_task_for("slow", n) for n in range(6)]
+    fast = [_task_for("fast", n) for n in range(2)]
+
+    def starts(task: AgentTask) -> Callable[[], None]:
+        return lambda: started.append(task.correlation_id)
+
+    runs = [asyncio.create_task(bridge.execute(task, started=starts(task))) for task in slow + fast]
+    await settle()
+    assert caller.running == {t.correlation_id for t in slow[:2] + fast}, "2 slow calls (its limit) and the fast ones"
+    assert started == [t.correlation_id for t in slow[:2] + fast]
+    assert (bridge.slots.in_flight, bridge.slots.waiting) == (4, 4)
+    for task in fast:
+        caller.open(task)
+    await settle()
+    assert caller.running == {t.correlation_id for t in slow[:2]}, "the freed worker slots stay free: slow is at 2"
+    caller.open(slow[0])
+    await settle()
+    assert caller.running == {slow[1].correlation_id, slow[2].correlation_id}, "the next slow call, in order"
+    for task in slow:
+        caller.open(task)
+    await asyncio.gather(*runs)
+    assert caller.called == [t.correlation_id for t in slow[:2] + fast + slow[2:]]
+
+
+async def test_a_call_waiting_past_its_deadline_fails_as_a_timeout_without_calling_the_agent(
+    limited: tuple[Bridge, Caller],
+) -> None:
+    bridge, caller = limited
+    busy = [asyncio.create_task(bridge.execute(_task_for("slow", n))) for n in range(2)]
+    await settle()
+    late = _task_for("slow", 9, within_s=0.05)
+    result = await bridge.execute(late)
+    assert result is not None
+    assert result.error is not None
+    assert result.error.kind == "timeout"
+    assert result.error.retriable
+    assert "waited for a free slot" in result.error.message
+    assert "max_concurrency 2" in result.error.message
+    assert late.correlation_id not in caller.called
+    for n in range(2):
+        caller.open(_task_for("slow", n))
+    await asyncio.gather(*busy)
+
+
+async def test_calls_sent_away_are_not_made_nor_remembered(limited: tuple[Bridge, Caller]) -> None:
+    bridge, caller = limited
+    in_flight = [asyncio.create_task(bridge.execute(_task_for("slow", n))) for n in range(2)]
+    waiting = _task_for("slow", 2)
+    sent = asyncio.create_task(bridge.execute(waiting, delivery=(0, 7)))
+    again = asyncio.create_task(bridge.execute(waiting, delivery=(0, 7)))  # the same message again joins it
+    await settle()
+    assert bridge.slots.send_away() == 1
+    for run in (sent, again):
+        with pytest.raises(SentAway):
+            await run
+    assert caller.running == {f"run-slow-{n}/s1/1" for n in range(2)}, "calls in flight go on"
+    for n in range(2):
+        caller.open(_task_for("slow", n))
+    await asyncio.gather(*in_flight)
+    with pytest.raises(SentAway):
+        await bridge.execute(waiting)  # delivered again before the partitions are assigned
+    bridge.slots.reopen()
+    caller.open(waiting)
+    assert await bridge.execute(waiting) is not None, "delivered again later, it is called"
+    assert caller.called.count(waiting.correlation_id) == 1
+
+
+# ------------------------------------------------------- the Faust app
+
+
+@pytest.fixture
+def bridge_app(tmp_path: Path) -> BridgeApp:
+    return create_app(Settings(data_dir=tmp_path, registry_url="http://127.0.0.1:9", broker_url="kafka://127.0.0.1:9"))
+
+
+async def test_a_rebalance_sends_every_call_away_until_the_partitions_are_assigned(bridge_app: BridgeApp) -> None:
+    app = bridge_app
+    released: list[Taken] = []
+    acknowledged: list[Taken] = []
+
+    async def acknowledge(taken: Taken) -> None:
+        acknowledged.append(taken)
+
+    app.intake = Intake(acknowledge=acknowledge, release=released.append, max_waiting=10)
+    tasks = [Taken(object(), _message(b"", offset)) for offset in range(3)]  # type: ignore[arg-type]
+
+    async def sent_away(started: Callable[[], None]) -> bool:
+        return False
+
+    async def carried_out(started: Callable[[], None]) -> bool:
+        return True
+
+    assert app.loop is asyncio.get_running_loop()
+    # aiokafka calls it from the consumer's thread; the slots belong to the app's loop.
+    thread = threading.Thread(target=app.on_rebalance_start)
+    thread.start()
+    thread.join()
+    await settle()
+    with pytest.raises(SentAway, match="reassigned"):
+        async with app.bridge.slots.hold("a", None, within_s=1):
+            pytest.fail("free slots, but the partitions are being reassigned")
+    await app.intake.take(tasks[0], "p", sent_away)
+    await settle()
+    await app.intake.take(tasks[1], "p", carried_out)  # taken before Faust stopped the flow: let go at once
+    assert released == tasks[:2]
+
+    await app.on_partitions_assigned.send({TP("switchyard.tasks", 0)})
+    async with app.bridge.slots.hold("a", None, within_s=1):
+        assert app.bridge.slots.in_flight == 1
+    await app.intake.take(tasks[2], "p", carried_out)
+    await settle()
+    assert (released, acknowledged) == (tasks[:2], tasks[2:])
+
+
+def _message(value: bytes, offset: int = 7) -> ConsumerMessage:
+    return ConsumerMessage("switchyard.tasks", 3, offset, 0.0, 0, [], b"run-1", value, None)
+
+
+async def test_a_task_waiting_for_its_acknowledgement_keeps_its_message_not_its_bytes(bridge_app: BridgeApp) -> None:
+    value = encode(_task()) + b" " * 500_000
+    message = _message(value)
+    event = faust.Event(bridge_app, b"run-1", value, None, message)
+    acked: list[Any] = []
+
+    class Stream:
+        app = bridge_app
+
+        async def ack(self, event: Any) -> bool:
+            acked.append(event.message)
+            return True
+
+    stream: Any = Stream()
+    taken, key, got = take_apart(stream, event)
+    assert (key, got) == (b"run-1", value), "the handler gets the task's bytes"
+    assert taken == Taken(stream, message)
+    assert message.value is None, "Faust decoded the event: the message no longer holds the bytes"
+    assert not any(ref is value for ref in gc.get_referents(message)), "nor does anything the ticket keeps"
+    await taken.acknowledge()
+    assert acked == [message], "acknowledged through its stream, by its message"

@@ -180,6 +180,8 @@ async def test_stats_count_every_invocation(session: aiohttp.ClientSession) -> N
         "methods": {"SendMessage": 3, "GetTask": 1},
         "injected_failures": 2,
         "auth_rejected": 0,
+        "in_flight": 0,
+        "peak_in_flight": 1,
     }
     assert stats == agent.stats.snapshot()
 
@@ -230,9 +232,9 @@ async def test_a_0_3_agent_refuses_1_0_methods(session: aiohttp.ClientSession) -
 # --- the command line ------------------------------------------------------------------------------------------------
 
 
-def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_cli(*args: str, env: dict[str, str] | None = None, agent: str = "summarizer") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "examples.agents.summarizer", "--log-level", "WARNING", *args],
+        [sys.executable, "-m", f"examples.agents.{agent}", "--log-level", "WARNING", *args],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -241,13 +243,29 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+async def ready_url(process: subprocess.Popen[str], name: str) -> str:
+    """The URL of an agent started with :func:`start_cli`, once it says it is ready."""
+    assert process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 20)
+    assert line.startswith(f"{name} ready at http://127.0.0.1:"), line
+    return line.split()[3]
+
+
+async def stop_cli(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, and the process must be gone within 10 s (else it is killed and the test fails)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(process.communicate, None, 10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 async def test_cli_serves_with_env_configuration_and_stops_on_sigterm(session: aiohttp.ClientSession) -> None:
     process = start_cli("--port", "0", env={"EXAMPLE_AGENT_FAIL_TIMES": "1"})
     try:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 20)
-        assert line.startswith("summarizer ready at http://127.0.0.1:"), line
-        url = line.split()[3]
+        url = await ready_url(process, "summarizer")
         body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": send_params("m", {"text": "a b c"})}
         statuses = []
         for _ in range(2):
@@ -258,13 +276,7 @@ async def test_cli_serves_with_env_configuration_and_stops_on_sigterm(session: a
         assert statuses == [503, 200]
         assert answer["result"]["task"]["artifacts"][0]["parts"][0]["data"] == {"summary": "a b c", "words": 3.0}
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.communicate, None, 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise
+        await stop_cli(process)
     assert process.returncode == 0
 
 

@@ -67,6 +67,7 @@ from models.records import StepExecution, WorkflowRun
 from switchyard import topics
 from switchyard.database import connect
 from switchyard.db import RunRecord, StepRecord, WorkflowRepository
+from switchyard.kafka import end_offsets
 from switchyard.registry import RegistryStore
 from switchyard.settings import Settings
 from switchyard.stack import Process, Stack, http_json
@@ -250,7 +251,7 @@ async def read_topic(
                 if until(records):
                     return records
             elif got == 0:
-                ends = await consumer.end_offsets(assigned)
+                ends = await end_offsets(consumer, assigned, embedded_broker=settings.embedded_broker)
                 positions = [await consumer.position(tp) for tp in assigned]
                 if all(pos >= ends[tp] for pos, tp in zip(positions, assigned, strict=True)):
                     return records
@@ -309,11 +310,13 @@ class AgentSpec:
         flags: Its fault switches (``--slow 3``, ``--fail-times 1``, ...).
         call_attempts: The registry's ``call_retry.max_attempts`` (HTTP tries
             inside one attempt); None keeps the default.
+        max_concurrency: The registry's ``max_concurrency`` (calls at once per bridge worker).
     """
 
     module: str = "summarizer"
     flags: tuple[str, ...] = ()
     call_attempts: int | None = None
+    max_concurrency: int | None = None
 
 
 @dataclass
@@ -414,7 +417,9 @@ class FaultStack:
         store = RegistryStore(self.engine)
         for name, spec in self.agents.items():
             retry = CallRetry(max_attempts=spec.call_attempts) if spec.call_attempts else CallRetry()
-            store.put(AgentEntry(name=name, url=self.agent_url(name), call_retry=retry))
+            store.put(
+                AgentEntry(name=name, url=self.agent_url(name), call_retry=retry, max_concurrency=spec.max_concurrency)
+            )
         self.wait_ready()
         print(f"\nfault stack up in {time.monotonic() - started:.1f}s at {self.stack.data_dir}")
 

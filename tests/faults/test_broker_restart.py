@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 
 def test_broker_restart_with_all_topics_lost(make_stack: Callable[..., FaultStack]) -> None:
-    stack = make_stack({"summarizer": AgentSpec(), "slow": AgentSpec(flags=("--slow", "3"))})
+    # 6 s: long enough that PostgreSQL shows step b RUNNING on a loaded machine before it ends.
+    stack = make_stack({"summarizer": AgentSpec(), "slow": AgentSpec(flags=("--slow", "6"))})
     # Step a completes at once; step b is in flight on the slow agent when everything goes.
     plan = chain("summarizer", "slow")
     run_ids = stack.submit(plan, RUNS, "broker restart")

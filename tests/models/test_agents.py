@@ -296,3 +296,26 @@ def test_with_secret_changes_only_the_secret() -> None:
     assert AgentEntry.model_validate(sealed.to_storage()) == sealed  # stored and read back as it is
     with pytest.raises(ValueError, match="no credentials"):
         _entry().with_secret(SECRET)
+
+
+# ------------------------------------------------------------ max_concurrency
+
+
+def test_max_concurrency_is_unset_by_default() -> None:
+    assert _entry().max_concurrency is None
+
+
+@pytest.mark.parametrize("limit", [1, 2, 100_000])
+def test_max_concurrency_accepts_a_positive_whole_number(limit: int) -> None:
+    entry = _entry(max_concurrency=limit)
+    assert entry.max_concurrency == limit
+    assert AgentEntry.model_validate(entry.to_storage()) == entry
+    assert AgentEntry.model_validate_json(json.dumps(entry.to_storage())).max_concurrency == limit
+    assert entry.redacted()["max_concurrency"] == limit
+
+
+@pytest.mark.parametrize("limit", [0, -1, 100_001, "2", 2.0, 2.5, True, [2]])
+def test_max_concurrency_refuses_anything_else(limit: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        _entry(max_concurrency=limit)
+    assert caught.value.errors()[0]["loc"] == ("max_concurrency",)

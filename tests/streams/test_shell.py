@@ -568,6 +568,44 @@ async def test_resume_all_skips_finished_runs(rig: Rig) -> None:
     assert restarted.monitoring.sent == []
 
 
+async def test_catching_up_checkpoints_runs_ahead_of_postgresql_and_resends_recent_ends(rig: Rig) -> None:
+    # A kill -9 lost the checkpointer's queue and the producer's: PostgreSQL has
+    # "done" at an older version (still RUNNING there), "fresh" not at all,
+    # "even" as it is; the monitoring topic may not have seen "done" finish.
+    done = await submit(rig, n_steps=1)
+    await rig.shell.handle(result(done, at(5)))
+    for run_id in ("fresh", "even"):
+        await rig.shell.handle(submitted(make_plan(2), run_id=run_id))
+    restarted = make_rig(runs=rig.runs)
+    versions = {run_id: rig.state(run_id).version for run_id in (RUN_ID, "fresh", "even")}
+    final = [u for u in rig.updates() if u.step_id is None and u.status == "COMPLETED"]
+
+    behind, resent = await restarted.shell.catch_up(
+        [RUN_ID, "fresh", "even", "unknown"], {RUN_ID: versions[RUN_ID] - 1, "even": versions["even"]}
+    )
+
+    assert (behind, resent) == (2, 1)
+    written = {state.run_id: state for state in restarted.checkpoints.put_states}
+    assert set(written) == {RUN_ID, "fresh"}
+    assert written[RUN_ID].status is RunStatus.COMPLETED
+    assert restarted.updates() == final  # the very same update: a consumer sees a copy
+    assert restarted.tasks.sent == []
+
+
+async def test_catching_up_leaves_ends_older_than_the_crash_window(rig: Rig) -> None:
+    done = await submit(rig, n_steps=1)
+    await rig.shell.handle(result(done, at(5)))
+    await rig.shell.handle(submitted(make_plan(2), run_id="later"))  # moved long after "done" finished
+    later = rig.state("later")
+    rig.runs[b"later"] = (
+        later.model_copy(update={"updated_at": at(5) + timedelta(minutes=5)}).model_dump_json().encode()
+    )
+    restarted = make_rig(runs=rig.runs)
+
+    assert await restarted.shell.catch_up([RUN_ID, "later"], {RUN_ID: 99, "later": 99}) == (0, 0)
+    assert restarted.monitoring.sent == []
+
+
 # ------------------------------------------------------------- failing sends
 #
 # DESIGN.md, "Recovery": every attempt in flight has a deadline, so a lost

@@ -340,6 +340,16 @@ async def test_agents_round_trip(api: Api) -> None:
     assert (await api.call("GET", "/agents/helper"))[0] == 404
 
 
+async def test_an_agents_max_concurrency_is_accepted_and_checked(api: Api) -> None:
+    status, body = await api.call("PUT", "/agents/helper", {"url": "http://127.0.0.1:9/", "max_concurrency": 2})
+    assert (status, body["max_concurrency"]) == (201, 2)
+    status, body = await api.call("GET", "/agents/helper")
+    assert (status, body["max_concurrency"]) == (200, 2)
+    status, body = await api.call("PUT", "/agents/helper", {"url": "http://127.0.0.1:9/", "max_concurrency": 0})
+    assert status == 400
+    assert "max_concurrency" in json.dumps(body["problems"])
+
+
 async def test_a_literal_secret_without_a_key_is_400(api: Api) -> None:
     api.store.refuse = RegistrySecretError("set SWITCHYARD_SECRETS_KEY to store a literal secret")
     entry = {"url": "http://127.0.0.1:9/", "auth": {"kind": "bearer", "secret": "literal"}}

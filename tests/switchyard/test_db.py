@@ -333,6 +333,13 @@ def test_upsert_is_idempotent_and_never_goes_back(engine: Engine) -> None:
         ]
 
 
+def test_versions_are_read_in_pages_and_unrecorded_runs_are_absent(engine: Engine) -> None:
+    SnapshotRepository(engine).upsert([_history("versions-a")[2], _history("versions-b")[0]])
+    found = WorkflowRepository(engine).versions(["versions-b", "versions-a", "versions-none", "versions-a"], page=1)
+    assert found == {"versions-a": 3, "versions-b": 1}
+    assert WorkflowRepository(engine).versions([]) == {}
+
+
 def test_upsert_batch_keeps_newest_copy_of_each_run(engine: Engine) -> None:
     histories = {f"batch-{i}": _history(f"batch-{i}") for i in range(50)}
     batch = [state for history in histories.values() for state in reversed(history)]  # newest first, then older

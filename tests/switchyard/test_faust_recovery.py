@@ -64,7 +64,7 @@ class _Consumer:
 
 def _app(tmp_path: Path) -> tuple[SwitchyardApp, _Consumer]:
     settings = Settings(broker_port=19998, data_dir=tmp_path)
-    app = SwitchyardApp("t-recovery", embedded_broker=True, **app_settings(settings, web_port=6998))
+    app = SwitchyardApp("t-recovery", settings=settings, **app_settings(settings, web_port=6998))
     consumer = _Consumer(app)
     app.consumer = consumer  # type: ignore[assignment]
     app.__dict__["_fetcher"] = _Fetcher()

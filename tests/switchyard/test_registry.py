@@ -98,6 +98,17 @@ def test_replace_keeps_created_at_and_moves_updated_at(store: RegistryStore, eng
 
 
 @pytest.mark.postgres
+def test_max_concurrency_is_stored_and_read_back(store: RegistryStore) -> None:
+    store.put(_entry("limited", max_concurrency=3))
+    found = store.get("limited")
+    assert found is not None
+    assert found.max_concurrency == 3
+    store.put(_entry("limited"))
+    found = store.get("limited")
+    assert found is not None
+    assert found.max_concurrency is None
+
+
 def test_get_unknown_is_none(store: RegistryStore) -> None:
     assert store.get("nobody") is None
 
@@ -327,6 +338,63 @@ async def test_invalidate_one_and_all() -> None:
     assert inner.calls == Counter({"a": 3, "b": 2})
 
 
+class GatedRegistry(FakeRegistry):
+    """A FakeRegistry whose lookups wait for a gate: lookups that overlap can be made."""
+
+    def __init__(self, entries: dict[str, AgentEntry] | None = None) -> None:
+        super().__init__(entries)
+        self.gate = asyncio.Event()
+
+    async def get(self, name: str) -> AgentEntry | None:
+        self.calls[name] += 1
+        await self.gate.wait()
+        if self.fail:
+            raise RegistryError("down")
+        return self.entries.get(name)
+
+
+async def test_lookups_that_miss_together_share_one_request() -> None:
+    inner = GatedRegistry({"a": _entry("a")})
+    cache = CachedRegistry(inner, ttl_s=30)
+    waiting = [asyncio.create_task(cache.get("a")) for _ in range(500)]
+    other = asyncio.create_task(cache.get("b"))
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    assert await asyncio.gather(*waiting) == [_entry("a")] * 500
+    assert await other is None
+    assert inner.calls == Counter({"a": 1, "b": 1})
+    assert (cache.lookups, cache.misses) == (501, 2)
+
+
+async def test_a_failed_shared_lookup_fails_every_waiter_and_is_not_cached() -> None:
+    inner = GatedRegistry({"a": _entry("a")})
+    inner.fail = True
+    cache = CachedRegistry(inner, ttl_s=30)
+    waiting = [asyncio.create_task(cache.get("a")) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    for outcome in await asyncio.gather(*waiting, return_exceptions=True):
+        assert isinstance(outcome, RegistryError)
+    inner.fail = False
+    assert await cache.get("a") == _entry("a")
+    assert inner.calls["a"] == 2
+
+
+async def test_a_waiter_cancelled_does_not_cancel_the_shared_lookup() -> None:
+    inner = GatedRegistry({"a": _entry("a")})
+    cache = CachedRegistry(inner, ttl_s=30)
+    first = asyncio.create_task(cache.get("a"))
+    second = asyncio.create_task(cache.get("a"))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    assert await second == _entry("a")
+    assert first.cancelled()
+    assert await cache.get("a") == _entry("a")
+    assert inner.calls["a"] == 1
+
+
 # ====================================================================== HttpRegistry (real aiohttp server)
 
 
@@ -382,7 +450,7 @@ def _body(entry: AgentEntry) -> str:
 
 
 async def test_http_200_returns_the_entry(server: RegistryServer, session: aiohttp.ClientSession) -> None:
-    entry = _entry("researcher", timeout_s=7, auth={"kind": "bearer", "secret": ENV_REF})
+    entry = _entry("researcher", timeout_s=7, max_concurrency=5, auth={"kind": "bearer", "secret": ENV_REF})
     server.script.replies = [(200, _body(entry))]
     got = await HttpRegistry(server.url, session).get("researcher")
     assert got == entry
