@@ -192,9 +192,11 @@ class PartitionRecovery:
 
         Results that reach the results topic around a restart have been seen
         to go missing: Faust's end of recovery dropped them (fixed in
-        :mod:`switchyard.faust_recovery`), and once more, under load, for a
-        cause not yet found; the bridge's re-published ones, sent at once by
-        :meth:`heal`, went with them. Asked again once things have
+        :mod:`switchyard.faust_recovery`), and once more, under load, because
+        Faust skipped records fetched for partitions it had paused and counted
+        them as processed (fixed in :mod:`switchyard.faust_fetch`); the
+        bridge's re-published ones, sent at once by :meth:`heal`, went with
+        them. Kept as a second line. Asked again once things have
         settled, the bridge answers from its memory (or joins the call still
         running, or calls again if it forgot), long before the attempt's
         deadline would heal it with a retry. Half the resume grace, so this

@@ -6,13 +6,14 @@ All functions here block; async callers run them in a worker thread
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
-from sqlalchemy import Engine, create_engine, select, text, update
+from sqlalchemy import Engine, Executable, Table, bindparam, create_engine, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -156,8 +157,12 @@ def _to_record(run: WorkflowRun, *, with_steps: bool) -> RunRecord:
     return record
 
 
+_STATUS_OF_RUN = select(WorkflowRun.status).where(WorkflowRun.run_id == bindparam("run_id"))
+
+
 class _Repository:
     def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def _begin(self) -> AbstractContextManager[Session]:
@@ -262,8 +267,9 @@ class WorkflowRepository(_Repository):
 
     def exists(self, run_id: str) -> str | None:
         """The recorded status of a run, or None when there is no such run."""
-        with self._begin() as session:
-            return session.scalar(select(WorkflowRun.status).where(WorkflowRun.run_id == run_id))
+        # Asked for every new submission: a Core statement, without an ORM session.
+        with self._engine.connect() as connection:
+            return connection.scalar(_STATUS_OF_RUN, {"run_id": run_id})
 
     def versions(self, run_ids: Iterable[str], *, page: int = 2000) -> dict[str, int]:
         """The recorded ``version`` of each of these runs that PostgreSQL has (absent: not recorded)."""
@@ -461,6 +467,30 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
     return run_row, step_rows
 
 
+@functools.cache
+def _run_upsert(columns: tuple[str, ...]) -> Executable:
+    """The upsert of run rows with these columns: a newer ``version`` wins."""
+    runs = cast(Table, WorkflowRun.__table__)
+    statement = insert(runs)
+    return statement.on_conflict_do_update(
+        index_elements=["run_id"],
+        set_={k: statement.excluded[k] for k in columns if k not in {"run_id", "created_at"}},
+        where=runs.c.version < statement.excluded.version,
+    )
+
+
+@functools.cache
+def _step_upsert(columns: tuple[str, ...]) -> Executable:
+    """The upsert of attempt rows with these columns: a newer ``run_version`` wins."""
+    steps = cast(Table, StepExecution.__table__)
+    statement = insert(steps)
+    return statement.on_conflict_do_update(
+        index_elements=["run_id", "step_id", "attempt"],
+        set_={k: statement.excluded[k] for k in columns if k not in {"run_id", "step_id", "attempt", "correlation_id"}},
+        where=steps.c.run_version < statement.excluded.run_version,
+    )
+
+
 def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
     """Write run snapshots and their attempts inside the caller's transaction.
 
@@ -488,29 +518,12 @@ def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
         step_rows.extend(rows)
     step_rows.sort(key=lambda r: (r["run_id"], r["step_id"], r["attempt"]))
 
-    run_insert = insert(WorkflowRun)
-    session.execute(
-        run_insert.on_conflict_do_update(
-            index_elements=["run_id"],
-            set_={k: run_insert.excluded[k] for k in run_rows[0] if k not in {"run_id", "created_at"}},
-            where=WorkflowRun.version < run_insert.excluded.version,
-        ),
-        run_rows,
-    )
+    # Core statements on the session's connection: the ORM's bulk insert
+    # machinery cost as much CPU as the rest of the executor's step together.
+    connection = session.connection()
+    connection.execute(_run_upsert(tuple(run_rows[0])), run_rows)
     if step_rows:
-        step_insert = insert(StepExecution)
-        session.execute(
-            step_insert.on_conflict_do_update(
-                index_elements=["run_id", "step_id", "attempt"],
-                set_={
-                    k: step_insert.excluded[k]
-                    for k in step_rows[0]
-                    if k not in {"run_id", "step_id", "attempt", "correlation_id"}
-                },
-                where=StepExecution.run_version < step_insert.excluded.run_version,
-            ),
-            step_rows,
-        )
+        connection.execute(_step_upsert(tuple(step_rows[0])), step_rows)
     return len(run_rows)
 
 

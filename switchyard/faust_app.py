@@ -16,7 +16,9 @@ On the embedded Tansu broker (DESIGN.md, "The embedded stack"):
   defaults say.
 * Group joins wait half the session timeout: a 6 s session joins in about 3 s.
 
-On a real Kafka, Faust's own defaults apply.
+On a real Kafka, Faust's own defaults apply. On both, the consumer is
+:mod:`switchyard.faust_fetch`'s, which never moves past records it did not
+deliver.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mode import Service
 from yarl import URL
 
 from switchyard.embedded import port_is_open
+from switchyard.faust_fetch import GuardedConsumer, GuardedConsumerThread, GuardedTransport
 from switchyard.faust_recovery import SwitchyardTableManager
 from switchyard.kafka import end_offsets
 from switchyard.limits import kafka_sizes
@@ -118,7 +121,7 @@ class AdaptiveFetchWait:
         fetcher._proc_fetch_request = proc_fetch_request
 
 
-class _EmbeddedBrokerConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+class _EmbeddedBrokerConsumerThread(GuardedConsumerThread):
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         waits = cast(SwitchyardApp, self.app).fetch_waits
@@ -142,13 +145,13 @@ class _EmbeddedBrokerConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return {TP(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 
 
-class _EmbeddedBrokerConsumer(faust_aiokafka.Consumer):
+class _EmbeddedBrokerConsumer(GuardedConsumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _EmbeddedBrokerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-class EmbeddedBrokerTransport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport with a short consumer fetch wait, for Tansu only."""
+class EmbeddedBrokerTransport(GuardedTransport):
+    """The guarded transport with adaptive fetch waits and true partition ends, for Tansu only."""
 
     Consumer = _EmbeddedBrokerConsumer
 
@@ -157,7 +160,7 @@ S = TypeVar("S", bound=Service)
 
 
 class SwitchyardApp(faust.App):
-    """A Faust app that uses :class:`EmbeddedBrokerTransport` on the embedded broker."""
+    """A Faust app on :class:`~switchyard.faust_fetch.GuardedTransport` (:class:`EmbeddedBrokerTransport` on Tansu)."""
 
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         self.embedded_broker = settings.embedded_broker
@@ -196,6 +199,8 @@ class SwitchyardApp(faust.App):
     def _new_transport(self) -> TransportT:
         if self.embedded_broker:
             return EmbeddedBrokerTransport(self.conf.broker_consumer, self)
+        if self.conf.broker_consumer[0].scheme in {"kafka", "aiokafka"}:
+            return GuardedTransport(self.conf.broker_consumer, self)
         return super()._new_transport()
 
 

@@ -169,5 +169,8 @@ def test_ten_kill_restarts_with_a_backlog_recover_every_changelog_record(
             f"(ListOffsets says {listed})\n{faults.logs('executor')}"
         )
     assert batched, "no changelog partition ever ended in a batch of several records: the test proves nothing"
+    # Faust counts the records of a gap in a partition's offsets as processed (switchyard.faust_fetch).
+    skipped = [line for line in log_path.read_text(errors="replace").splitlines() if "skipped by the consumer" in line]
+    assert not skipped, "\n".join(skipped[:20])
     figures = faults.verify_completed(run_ids, f"{RESTARTS} executor kill -9 restarts with a backlog", timeout=120)
     assert figures.invocations == figures.attempts == 2 * len(run_ids), figures.line()

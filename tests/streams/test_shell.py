@@ -735,3 +735,32 @@ async def test_a_finished_attempt_forgets_its_deadline_and_dispatch_timers(rig: 
     await rig.shell.handle(result(state, at(20)))
     assert not any(key.endswith(f"{RUN_ID}/s1/2") for key in rig.timers.pending), "attempt 2 ended"
     assert f"timeout:{RUN_ID}/s2/1" in rig.timers.pending
+
+
+# ------------------------------------------------------- parsed states kept
+
+
+async def test_a_run_read_at_its_next_event_is_the_state_its_bytes_hold(rig: Rig) -> None:
+    # The shell keeps the states it wrote parsed; they must be what the table's bytes say.
+    state = await submit(rig, n_steps=3)
+    await rig.shell.handle(result(state, at(5)))
+    kept = rig.shell.load(RUN_ID)
+
+    assert kept is not None
+    assert kept == RunState.model_validate_json(rig.runs[KEY])
+    assert kept.model_dump_json().encode() == rig.runs[KEY]
+
+
+async def test_a_state_replaced_in_the_table_is_read_afresh(rig: Rig) -> None:
+    # A recovered changelog record (or another writer) replaces the bytes: the kept parse must not be used.
+    state = await submit(rig, n_steps=2)
+    older = rig.runs[KEY]
+    await rig.shell.handle(result(state, at(5)))
+    assert rig.state().current_step == "s2"
+
+    rig.runs[KEY] = older
+    loaded = rig.shell.load(RUN_ID)
+
+    assert loaded is not None
+    assert loaded.current_step == "s1"
+    assert loaded.version == state.version

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import faust
 import pytest
-from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from switchyard.faust_app import (
     AdaptiveFetchWait,
@@ -16,6 +15,7 @@ from switchyard.faust_app import (
     app_settings,
     wait_for_broker,
 )
+from switchyard.faust_fetch import GuardedConsumer, GuardedTransport
 from switchyard.settings import Settings
 
 
@@ -45,7 +45,9 @@ def test_embedded_broker_gets_the_shim_and_its_settings(tmp_path: Path) -> None:
 def test_real_kafka_keeps_fausts_defaults(tmp_path: Path) -> None:
     settings = Settings(broker_url="kafka://kafka.internal:9092", data_dir=tmp_path)
     app = _app(settings, "t-real")
-    assert type(app.transport) is faust_aiokafka.Transport
+    # Faust's aiokafka transport, with only the fetch guard (switchyard.faust_fetch) and none of Tansu's shims.
+    assert type(app.transport) is GuardedTransport
+    assert app.transport.Consumer is GuardedConsumer
     assert app.conf.producer_max_batch_size == _faust_default_batch_size()
     assert app.conf.broker_session_timeout != 6.0
 
