@@ -74,9 +74,13 @@ class GuardedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = self._ensure_consumer()
 
         async def seek() -> None:
-            assigned = consumer.assignment()
+            assignment = consumer._subscription.subscription.assignment
             for tp, offset in offsets.items():
-                if tp in assigned:  # a revoked partition is sought by its next owner
+                if assignment is None or tp not in consumer.assignment():
+                    continue  # a revoked partition is sought by its next owner
+                state = assignment.state_value(tp)
+                # Only back: a seek made meanwhile (to the committed offset) already re-reads these records.
+                if state.has_valid_position and state.position > offset:
                     consumer.seek(tp, offset)
 
         await self.call_thread(seek)

@@ -142,3 +142,44 @@ async def test_records_of_active_partitions_are_delivered_as_fetched() -> None:
 
     assert await consumer._getmany({PLANS_0, PLANS_1}, 1.0) == {PLANS_0: batch(11, 30), PLANS_1: batch(7, 9)}
     assert thread.sought == []
+
+
+class FakeAiokafka:
+    """An aiokafka consumer as far as a seek back sees it: positions of assigned partitions, and seeks."""
+
+    def __init__(self, positions: dict[TP, int]) -> None:
+        self.positions = positions
+        self.seeks: list[tuple[TP, int]] = []
+        states = {tp: SimpleNamespace(has_valid_position=True, position=p) for tp, p in positions.items()}
+        self._subscription = SimpleNamespace(
+            subscription=SimpleNamespace(assignment=SimpleNamespace(state_value=states.__getitem__))
+        )
+
+    def assignment(self) -> set[TP]:
+        return set(self.positions)
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+class SeekingThread(GuardedConsumerThread):
+    """A consumer thread whose calls run on the caller's loop."""
+
+    def __init__(self, consumer: FakeAiokafka) -> None:  # no Faust service
+        self.fake = consumer
+
+    def _ensure_consumer(self) -> Any:
+        return self.fake
+
+    async def call_thread(self, fun: Any, *args: Any, **kwargs: Any) -> Any:
+        return await fun(*args, **kwargs)
+
+
+async def test_fetching_again_seeks_back_only_partitions_still_assigned_and_past_the_offset() -> None:
+    # PLANS_1 was sought meanwhile (to its committed offset, 5): it reads those records again anyway.
+    consumer = FakeAiokafka({PLANS_0: 31, PLANS_1: 5})
+    thread = SeekingThread(consumer)
+
+    await thread.fetch_again({PLANS_0: 11, PLANS_1: 12, RESULTS_0: 3})
+
+    assert consumer.seeks == [(PLANS_0, 11)]
