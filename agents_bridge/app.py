@@ -272,6 +272,8 @@ def _failure(task: AgentTask, started: Any, kind: str, message: str, retriable: 
         run_id=task.run_id,
         step_id=task.step_id,
         attempt=task.attempt,
+        iteration=task.iteration,
+        item=task.item,
         status=ResultStatus.FAILURE,
         error=AgentError(kind=kind, message=message, retriable=retriable),
         started_at=started,
@@ -440,6 +442,8 @@ def create_app(settings: Settings | None = None) -> BridgeApp:
             run_id=task.run_id,
             step_id=task.step_id,
             attempt=task.attempt,
+            iteration=task.iteration,
+            item=task.item,
             status=f"AGENT_{result.status}",
             detail={"agent": task.agent_name, "took_ms": round(took_ms, 1), "source": "bridge"},
         )

@@ -432,6 +432,8 @@ class AgentCaller:
             run_id=task.run_id,
             step_id=task.step_id,
             attempt=task.attempt,
+            iteration=task.iteration,
+            item=task.item,
             status=status,
             output=output,
             error=error,

@@ -194,7 +194,7 @@ class Intake(Generic[E]):
             raise
         except Exception:
             # Work is expected to handle its own errors (dead letters); acknowledging
-            # is what Faust does with a message whose handler raised (DESIGN.md rule 4).
+            # is what Faust does with a message whose handler raised (docs/architecture.md rule 4).
             log.exception("a task's handler raised; its message is acknowledged")
             carried_out = True
         started()

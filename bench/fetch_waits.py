@@ -2,7 +2,7 @@
 
 ``python -m bench.fetch_waits [--busy 2,5,10,20] [--idle 100,250,500,1000] [--json FILE]``
 
-Tansu holds every fetch for its whole wait (DESIGN.md, "The embedded stack"),
+Tansu holds every fetch for its whole wait (docs/architecture.md, "The embedded stack"),
 so each hop of a run waits for a fetch: a short wait while records flow
 (``SWITCHYARD_EMBEDDED_FETCH_WAIT_MS``) buys latency with CPU, and the wait
 once a consumer is idle (``SWITCHYARD_EMBEDDED_IDLE_FETCH_WAIT_MS``) buys CPU

@@ -2,7 +2,7 @@
 
 ``python -m bench.recovery [--runs 10000] [--in-flight 2000] [--json out.json] [--keep]``
 
-DESIGN.md ("Recovery: what heals what") says what should happen; this measures it
+docs/architecture.md ("Recovery: what heals what") says what should happen; this measures it
 on the real embedded stack, every piece a process on free loopback ports, in a
 fresh temporary folder (logs in its ``logs/``):
 

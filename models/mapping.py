@@ -9,6 +9,11 @@ Syntax (see README, "Input mapping"):
 * A string that is exactly one placeholder keeps the value's JSON type; a
   placeholder inside a longer string is interpolated (strings as they are,
   anything else as compact JSON).
+* ``${map.item}`` / ``${map.item.title}`` / ``${map.index}``: in a map step, the
+  item of the list this call is for, and its position (from 0).
+* ``${expression ?? default}``: ``default`` ('text', or any JSON value) when the step has
+  no output (it was skipped, or has not run yet in this loop iteration), a key
+  or index on the path is missing, or the value is null.
 * ``$${`` writes a literal ``${``.
 
 Everything here is pure. The only exception that leaves this module is
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 __all__ = [
+    "MAP_ROOT",
     "WORKFLOW_ROOT",
     "Expression",
     "MappingContext",
@@ -31,7 +37,9 @@ __all__ = [
     "Segment",
     "find_expressions",
     "parse_expression",
+    "resolve_expression",
     "resolve_mapping",
+    "scan_template",
 ]
 
 JSON: TypeAlias = Any
@@ -39,6 +47,9 @@ Segment: TypeAlias = str | int
 """One step of a path: a key (``str``) or a list index (``int``)."""
 
 WORKFLOW_ROOT: Final = "workflow"
+MAP_ROOT: Final = "map"
+"""``${map.item}`` and ``${map.index}`` name a map step's current item (a step named ``map`` is ``${map.output}``)."""
+_DEFAULT_MARK: Final = "??"
 _ID = r"[A-Za-z0-9_][A-Za-z0-9_-]*"
 _ROOT_RE: Final = re.compile(rf"({_ID})\.({_ID})")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -83,28 +94,43 @@ class Expression:
 
     Attributes:
         text: The placeholder as written, ``${`` and ``}`` included.
-        root: ``"workflow"`` or a step id.
-        kind: ``"input"`` for the workflow root, ``"output"`` for a step.
+        root: ``"workflow"``, ``"map"`` (with ``item`` or ``index``) or a step id.
+        kind: ``"input"`` for the workflow root, ``"output"`` for a step,
+            ``"item"`` or ``"index"`` for a map step's item.
         path: Keys and indexes below the root value.
+        has_default: Whether ``?? default`` was given.
+        default: The value used when the one named is not there.
     """
 
     text: str
     root: str
     kind: str
     path: tuple[Segment, ...]
+    has_default: bool = False
+    default: JSON = None
 
     @property
     def step_id(self) -> str | None:
-        """The step this expression reads from, or None for workflow input."""
-        return None if self.root == WORKFLOW_ROOT else self.root
+        """The step this expression reads from, or None for the run's input or a map item."""
+        return self.root if self.kind == "output" else None
+
+    @property
+    def reads_item(self) -> bool:
+        """Whether it reads a map step's item (``${map.item...}`` or ``${map.index}``)."""
+        return self.root == MAP_ROOT and self.kind in {"item", "index"}
+
+
+_NO_ITEM: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
 class MappingContext:
-    """What placeholders can read: the run's input and finished steps' outputs."""
+    """What placeholders can read: the run's input, finished steps' outputs and, in a map step, the item."""
 
     workflow_input: JSON
     step_outputs: Mapping[str, JSON]
+    item: JSON = _NO_ITEM
+    index: int | None = None
 
 
 def parse_expression(body: str, text: str | None = None) -> Expression:
@@ -121,10 +147,28 @@ def parse_expression(body: str, text: str | None = None) -> Expression:
         MappingError: The expression is malformed.
     """
     text = text if text is not None else "${" + body + "}"
+    has_default, default = False, None
+    mark = _default_mark(body)
+    if mark != -1:
+        default_text = body[mark + len(_DEFAULT_MARK) :].strip()
+        try:
+            if len(default_text) >= 2 and default_text[0] == default_text[-1] == "'":
+                # 'text': a JSON string without the escaped double quotes a JSON plan would need.
+                default = default_text[1:-1]
+            else:
+                default = json.loads(default_text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise MappingError(
+                f"the default after '??' must be 'text' or a JSON value (0, true, null, [], {{}}), "
+                f"not {default_text[:40]!r}",
+                expression=text,
+            ) from None
+        has_default = True
+        body = body[:mark].rstrip()
     match = _ROOT_RE.match(body)
     if match is None:
         raise MappingError(
-            "malformed expression: expected ${workflow.input...} or ${step-id.output...}",
+            "malformed expression: expected ${workflow.input...}, ${step-id.output...} or ${map.item...}",
             expression=text,
         )
     root, kind = match.group(1), match.group(2)
@@ -133,9 +177,12 @@ def parse_expression(body: str, text: str | None = None) -> Expression:
             f"malformed expression: 'workflow' is followed by 'input', not {kind!r}",
             expression=text,
         )
-    if root != WORKFLOW_ROOT and kind != "output":
+    if root == MAP_ROOT and kind in {"item", "index"}:
+        pass
+    elif root != WORKFLOW_ROOT and kind != "output":
+        hint = " (or 'map.item' / 'map.index' in a map step)" if root == MAP_ROOT else ""
         raise MappingError(
-            f"malformed expression: step {root!r} is followed by 'output', not {kind!r}",
+            f"malformed expression: step {root!r} is followed by 'output', not {kind!r}{hint}",
             expression=text,
         )
     path: list[Segment] = []
@@ -171,12 +218,38 @@ def parse_expression(body: str, text: str | None = None) -> Expression:
             f"malformed expression: unexpected {body[pos]!r} at position {pos}",
             expression=text,
         )
-    return Expression(text=text, root=root, kind=kind, path=tuple(path))
+    if kind == "index" and path:
+        raise MappingError("malformed expression: ${map.index} is a number, it has no keys", expression=text)
+    return Expression(text=text, root=root, kind=kind, path=tuple(path), has_default=has_default, default=default)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _default_mark(body: str) -> int:
+    """Where ``??`` starts in a placeholder's body, outside quoted keys; -1 if nowhere."""
+    in_quotes = False
+    pos = 0
+    while pos < len(body) - 1:
+        char = body[pos]
+        if in_quotes:
+            if char == "\\":
+                pos += 1
+            elif char == '"':
+                in_quotes = False
+        elif char == '"':
+            in_quotes = True
+        elif body.startswith(_DEFAULT_MARK, pos):
+            return pos
+        pos += 1
+    return -1
 
 
 def _closing_brace(template: str, pos: int) -> int:
-    """The index of the ``}`` that closes a placeholder, skipping quoted keys; -1 if none."""
+    """The index of the ``}`` that closes a placeholder, skipping quoted text and a default's braces; -1 if none."""
     in_quotes = False
+    depth = 0
     while pos < len(template):
         char = template[pos]
         if in_quotes:
@@ -186,13 +259,17 @@ def _closing_brace(template: str, pos: int) -> int:
                 in_quotes = False
         elif char == '"':
             in_quotes = True
+        elif char == "{":
+            depth += 1
         elif char == "}":
-            return pos
+            if depth == 0:
+                return pos
+            depth -= 1
         pos += 1
     return -1
 
 
-def _scan(template: str, json_path: str) -> Iterator[str | Expression]:
+def scan_template(template: str, json_path: str = "$") -> Iterator[str | Expression]:
     """Split a string into literal text and expressions, handling ``$${``."""
     literal: list[str] = []
     pos = 0
@@ -253,7 +330,7 @@ def find_expressions(mapping: JSON, json_path: str = "$") -> Iterator[tuple[str,
     """
     if isinstance(mapping, str):
         try:
-            for part in _scan(mapping, json_path):
+            for part in scan_template(mapping, json_path):
                 if isinstance(part, Expression):
                     yield json_path, part
         except MappingError as error:
@@ -282,8 +359,32 @@ def _describe(value: JSON) -> str:
     return type(value).__name__
 
 
+def resolve_expression(expression: Expression, context: MappingContext, json_path: str = "$") -> JSON:
+    """The value one placeholder names, or its default when that is not there.
+
+    Raises:
+        MappingError: The value is not there and no default was given.
+    """
+    if not expression.has_default:
+        return _lookup(expression, context, json_path)
+    try:
+        value = _lookup(expression, context, json_path)
+    except MappingError:
+        return expression.default
+    return expression.default if value is None else value
+
+
 def _lookup(expression: Expression, context: MappingContext, json_path: str) -> JSON:
-    if expression.step_id is None:
+    if expression.reads_item:
+        if context.item is _NO_ITEM:
+            raise MappingError(
+                f"{expression.text} is only known in a map step", expression=expression.text, path=json_path
+            )
+        if expression.kind == "index":
+            return context.index
+        value = context.item
+        trail = "map.item"
+    elif expression.step_id is None:
         value = context.workflow_input
         trail = "workflow.input"
     else:
@@ -356,13 +457,13 @@ def _resolve(node: JSON, context: MappingContext, json_path: str, depth: int) ->
     if depth > _MAX_DEPTH:
         raise MappingError(f"mapping is nested deeper than {_MAX_DEPTH} levels", path=json_path)
     if isinstance(node, str):
-        parts = list(_scan(node, json_path))
+        parts = list(scan_template(node, json_path))
         if len(parts) == 1 and isinstance(parts[0], Expression):
-            return _lookup(parts[0], context, json_path)
+            return resolve_expression(parts[0], context, json_path)
         out: list[str] = []
         for part in parts:
             if isinstance(part, Expression):
-                out.append(_to_text(_lookup(part, context, json_path), part, json_path))
+                out.append(_to_text(resolve_expression(part, context, json_path), part, json_path))
             else:
                 out.append(part)
         return "".join(out)

@@ -69,14 +69,20 @@ def new_run_id() -> str:
     return str(uuid.uuid4())
 
 
-def correlation_id(run_id: str, step_id: str, attempt: int) -> str:
-    """The id of one attempt of one step: also the agent call's idempotency key.
+def correlation_id(run_id: str, step_id: str, attempt: int, iteration: int = 1, item: int | None = None) -> str:
+    """The id of one attempt of one execution of a step: also the agent call's idempotency key.
 
     It is derived, not random, so that a re-dispatch after a crash carries the
-    same id and the bridge and agents can recognise the repeat. ``/`` appears
-    in neither run ids nor step ids, so the id is unambiguous.
+    same id and the bridge and agents can recognise the repeat. ``/``, ``@``
+    and ``[`` appear in neither run ids nor step ids, so the id is
+    unambiguous: ``run/step/2`` for the second attempt of a plain step,
+    ``run/step@3/1`` in a loop's third iteration, ``run/step@1[17]/1`` for
+    item 17 of a map.
     """
-    return f"{run_id}/{step_id}/{attempt}"
+    if iteration == 1 and item is None:
+        return f"{run_id}/{step_id}/{attempt}"
+    where = f"{step_id}@{iteration}" if item is None else f"{step_id}@{iteration}[{item}]"
+    return f"{run_id}/{where}/{attempt}"
 
 
 class ErrorKind(StrEnum):
@@ -99,6 +105,9 @@ class ErrorKind(StrEnum):
     BRIDGE_ERROR = "bridge_error"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
     STATE_TOO_LARGE = "state_too_large"
+    CONDITION_ERROR = "condition_error"
+    LOOP_EXHAUSTED = "loop_exhausted"
+    INVALID_MAP_LIST = "invalid_map_list"
     OUTPUT_TOO_LARGE = "output_too_large"
     UNREADABLE_STATE = "unreadable_state"
 
@@ -166,6 +175,8 @@ class AgentTask(Message):
     run_id: RunId
     step_id: str = Field(min_length=1, max_length=128)
     attempt: int = Field(ge=1)
+    iteration: int = Field(1, ge=1, le=1000, description="The loop iteration (1 outside loops).")
+    item: int | None = Field(None, ge=0, description="The item of a map step (None outside maps).")
     agent_name: str = Field(min_length=1, max_length=200)
     input: JsonValue
     deadline: AwareDatetime
@@ -178,6 +189,8 @@ class AgentResult(Message):
     run_id: RunId
     step_id: str = Field(min_length=1, max_length=128)
     attempt: int = Field(ge=1)
+    iteration: int = Field(1, ge=1, le=1000, description="The loop iteration (1 outside loops).")
+    item: int | None = Field(None, ge=0, description="The item of a map step (None outside maps).")
     status: ResultStatus
     output: JsonValue = None
     error: AgentError | None = None
@@ -199,6 +212,8 @@ class MonitoringUpdate(Message):
     run_id: RunId
     step_id: str | None = None
     attempt: int | None = None
+    iteration: int | None = None
+    item: int | None = None
     status: str
     timestamp: AwareDatetime = Field(default_factory=utcnow)
     detail: dict[str, JsonValue] = Field(default_factory=dict)
@@ -228,6 +243,8 @@ class ControlMessage(Message):
     command: ControlCommand
     step_id: str | None = Field(None, max_length=128)
     attempt: int | None = Field(None, ge=1)
+    iteration: int = Field(1, ge=1, le=1000)
+    item: int | None = Field(None, ge=0)
     reason: str | None = Field(None, max_length=2000)
     requested_at: AwareDatetime = Field(default_factory=utcnow)
 
@@ -245,6 +262,8 @@ class AgentCancel(Message):
     run_id: RunId
     step_id: str = Field(min_length=1, max_length=128)
     attempt: int = Field(ge=1)
+    iteration: int = Field(1, ge=1, le=1000, description="The loop iteration (1 outside loops).")
+    item: int | None = Field(None, ge=0, description="The item of a map step (None outside maps).")
     agent_name: str = Field(min_length=1, max_length=200)
 
 

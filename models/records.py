@@ -1,8 +1,13 @@
 """The PostgreSQL record: SQLAlchemy 2.0 typed ORM tables (PostgreSQL only).
 
 ``workflow_runs`` has one row per run; ``step_executions`` one row per attempt
-of a step. Both carry the run state's ``version`` so that a snapshot written
-late (a retried batch, a slow checkpointer) never overwrites a newer one.
+of an execution of a step, identified by the step, its loop iteration, its
+map item (null outside maps) and the attempt number. Both carry the run
+state's ``version`` so that a snapshot written late (a retried batch, a slow
+checkpointer) never overwrites a newer one.
+
+The schema is created and changed by Alembic (``switchyard/migrations``);
+these classes must match its latest revision.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class WorkflowRun(Base):
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="run",
-        order_by="(StepExecution.started_at, StepExecution.attempt)",
+        order_by="(StepExecution.started_at, StepExecution.id)",
         cascade="all, delete-orphan",
         passive_deletes=True,
     )
@@ -68,13 +73,15 @@ class WorkflowRun(Base):
 
 
 class StepExecution(Base):
-    """One attempt of one step of a run."""
+    """One attempt of one execution (step, iteration, item) of a run."""
 
     __tablename__ = "step_executions"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.run_id", ondelete="CASCADE"))
     step_id: Mapped[str] = mapped_column(String(128))
+    iteration: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    item: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="The map item (null outside maps).")
     attempt: Mapped[int] = mapped_column(Integer)
     agent_name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20))
@@ -90,7 +97,7 @@ class StepExecution(Base):
     run: Mapped[WorkflowRun] = relationship(back_populates="steps")
 
     __table_args__ = (
-        UniqueConstraint("run_id", "step_id", "attempt"),
+        UniqueConstraint("run_id", "step_id", "iteration", "item", "attempt", postgresql_nulls_not_distinct=True),
         Index("ix_step_executions_run_id", "run_id"),
     )
 

@@ -5,7 +5,22 @@ and randomness (retry jitter) is derived from the correlation id, so a
 transition is a pure function of its arguments: replaying the same events
 gives the same states and effects.
 
-Rules this module keeps (DESIGN.md, rule 5):
+How a plan runs (the README's "Plans" section says it for users):
+
+* A step starts when the steps leading to it have finished: all of them
+  (``"join": "all"``, the default), or the first that chose it
+  (``"join": "any"``, which then stops the others racing into it).
+* A finished step chooses where to go: every ``next_step``, or the first
+  route whose condition holds (else ``otherwise``). A step that no finished
+  step chose is SKIPPED, and tells the steps after it in turn, so joins
+  count skipped branches as done.
+* A loop step whose ``while`` holds starts its body again, as a new
+  iteration, at most ``max_iterations`` times.
+* A map step runs one execution per item, at most ``max_concurrency`` at a
+  time, and its output is their outputs in the items' order.
+* The run completes when no step is waiting or running.
+
+Rules this module keeps (docs/architecture.md, "The run state machine"):
 
 * Idempotent: an event that changes nothing (a duplicate or stale result, a
   timeout of an attempt that already ended, a second submission of the same
@@ -19,34 +34,62 @@ Rules this module keeps (DESIGN.md, rule 5):
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections import deque
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import JsonValue
 
-from models.agents import RecoveryAction, RecoveryPolicy
+from models.agents import RecoveryAction
+from models.conditions import ConditionError, evaluate, parse_condition
 from models.mapping import MappingContext, MappingError, resolve_mapping
 from models.messages import (
     AgentError,
-    AgentResult,
     AgentTask,
     ErrorKind,
     MonitoringUpdate,
     ResultStatus,
-    RunId,
     correlation_id,
     submission_fingerprint,
 )
-from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan, WorkflowStep, check_plan
+from models.plan import MAX_MAP_ITEMS, RetryPolicy, WorkflowStep, check_plan
+from models.run_events import (
+    AgentResultReceived,
+    CancelAgentTask,
+    CancelRequested,
+    Checkpoint,
+    DeadLetter,
+    DispatchTask,
+    Effect,
+    Event,
+    PublishMonitoring,
+    RetryRequested,
+    RunFinished,
+    RunRestored,
+    RunSubmitted,
+    ScheduleTimeout,
+    StepTimedOut,
+    event_run_id,
+)
+from models.run_limits import dropped, fail_too_large, fail_unreadable, step_in_flight
+from models.run_state import (
+    AgentPolicy,
+    Attempt,
+    Execution,
+    ExecutionDefaults,
+    RunError,
+    RunState,
+    RunStatus,
+    StepState,
+    StepStatus,
+    execution_key,
+)
 
 __all__ = [
     "UNRETRIABLE_RUN_ERRORS",
-    "Attempt",
     "AgentPolicy",
     "AgentResultReceived",
+    "Attempt",
     "CancelAgentTask",
     "CancelRequested",
     "Checkpoint",
@@ -54,347 +97,53 @@ __all__ = [
     "DispatchTask",
     "Effect",
     "Event",
+    "Execution",
     "ExecutionDefaults",
     "PublishMonitoring",
     "RetryRequested",
     "RunError",
     "RunFinished",
-    "RunState",
     "RunRestored",
+    "RunState",
     "RunStatus",
     "RunSubmitted",
     "ScheduleTimeout",
     "StepState",
     "StepStatus",
     "StepTimedOut",
+    "cancel_in_flight",
     "dropped",
+    "event_run_id",
+    "execution_key",
     "fail_too_large",
-    "final_update",
     "fail_unreadable",
+    "final_update",
     "resume",
     "retry_refusal",
     "transition",
 ]
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
-
-
-class RunStatus(StrEnum):
-    """Where a run is in its life."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def finished(self) -> bool:
-        """Whether the run has reached an end (a retry may reopen FAILED)."""
-        return self in {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
-
-
-class StepStatus(StrEnum):
-    """Where a step, or one attempt of it, is.
-
-    An attempt is PENDING while it waits for its (delayed) dispatch time. A
-    step is SKIPPED when its attempts ran out and the agent's recovery policy
-    says to go on with a default output.
-    """
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    SKIPPED = "SKIPPED"
-
-    @property
-    def finished(self) -> bool:
-        """Whether nothing more will happen to it."""
-        return self in {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
-
-    @property
-    def has_output(self) -> bool:
-        """Whether later steps can read its output (a skipped step has its default output)."""
-        return self in {StepStatus.COMPLETED, StepStatus.SKIPPED}
-
-
-class AgentPolicy(BaseModel):
-    """What the registry says about one agent, copied into the run when it starts."""
-
-    model_config = _FROZEN
-
-    timeout_s: float | None = Field(None, gt=0, le=86_400)
-    retry: RetryPolicy | None = None
-    recovery: RecoveryPolicy = RecoveryPolicy()
-
-
-class ExecutionDefaults(BaseModel):
-    """What a step uses when the plan does not say.
-
-    The order is: the plan's step, then the agent's registry entry
-    (``agents``), then these global defaults. The registry is read once, when
-    the run starts, so a run behaves the same after a restart.
-    """
-
-    model_config = _FROZEN
-
-    timeout_s: float = Field(300.0, gt=0, le=86_400)
-    retry: RetryPolicy = DEFAULT_RETRY
-    agents: dict[str, AgentPolicy] = Field(default_factory=dict)
-
-    def agent(self, name: str) -> AgentPolicy:
-        """The registry's policy for an agent (empty when it says nothing)."""
-        return self.agents.get(name) or _NO_POLICY
-
-
-_NO_POLICY = AgentPolicy()
-
-
-class RunError(BaseModel):
-    """Why a run failed (or was cancelled)."""
-
-    model_config = _FROZEN
-
-    kind: str
-    message: str
-    step_id: str | None = None
-    attempt: int | None = None
-    details: JsonValue = None
-
-
-class Attempt(BaseModel):
-    """One try at a step: one agent call, identified by its correlation id."""
-
-    model_config = _FROZEN
-
-    number: int = Field(ge=1)
-    correlation_id: str
-    agent_name: str
-    status: StepStatus
-    input: JsonValue
-    dispatch_at: AwareDatetime = Field(
-        description="When the call is (or was) sent; later than now for a delayed retry."
-    )
-    deadline: AwareDatetime
-    finished_at: AwareDatetime | None = None
-    output: JsonValue = None
-    error: AgentError | None = None
-
-
-class StepState(BaseModel):
-    """A step of one run, with all its attempts."""
-
-    model_config = _FROZEN
-
-    step_id: str
-    agent_name: str
-    status: StepStatus
-    attempts: tuple[Attempt, ...] = ()
-    first_attempt_of_round: int = Field(1, description="A retry request opens a new round with a fresh budget.")
-    fallback_agent: str | None = Field(
-        None, description="Set when the recovery policy moved the step to another agent."
-    )
-    next_attempt_at: AwareDatetime | None = None
-    output: JsonValue = None
-    error: AgentError | None = None
-    started_at: AwareDatetime | None = None
-    completed_at: AwareDatetime | None = None
-
-    @property
-    def current(self) -> Attempt | None:
-        """The latest attempt, if any."""
-        return self.attempts[-1] if self.attempts else None
-
-
-class RunState(BaseModel):
-    """Everything known about one run. Stored in the ``runs`` table as JSON."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    status: RunStatus
-    plan: WorkflowPlan
-    input: dict[str, JsonValue]
-    fingerprint: str | None = Field(
-        None, description="submission_fingerprint of the submission that started the run (a run_id means one run)."
-    )
-    defaults: ExecutionDefaults = ExecutionDefaults()
-    steps: dict[str, StepState] = Field(default_factory=dict, description="Steps that have started, in order.")
-    current_step: str | None = None
-    output: JsonValue = None
-    error: RunError | None = None
-    created_at: AwareDatetime
-    started_at: AwareDatetime | None = None
-    completed_at: AwareDatetime | None = None
-    updated_at: AwareDatetime
-    version: int = Field(1, ge=1, description="Bumped by every change; orders snapshots.")
-
-    def awaits(self, step_id: str, attempt: int) -> bool:
-        """Whether that attempt is its step's latest and still waits for its result, in a running run."""
-        step = self.steps.get(step_id)
-        current = step.current if step else None
-        return (
-            self.status is RunStatus.RUNNING
-            and current is not None
-            and current.number == attempt
-            and not current.status.finished
-        )
-
-
-# --------------------------------------------------------------------- events
-
-
-class RunSubmitted(BaseModel):
-    """A submission arrived for ``run_id``."""
-
-    model_config = _FROZEN
-
-    run_id: RunId
-    plan: WorkflowPlan
-    input: dict[str, JsonValue] = Field(default_factory=dict)
-    at: AwareDatetime
-    defaults: ExecutionDefaults = ExecutionDefaults()
-
-
-class AgentResultReceived(BaseModel):
-    """The bridge reported the outcome of an attempt."""
-
-    model_config = _FROZEN
-
-    result: AgentResult
-    at: AwareDatetime
-
-
-class StepTimedOut(BaseModel):
-    """An attempt's deadline passed (sent by a timer as a control event)."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    step_id: str
-    attempt: int
-    at: AwareDatetime
-
-
-class CancelRequested(BaseModel):
-    """A user asked to stop the run."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    at: AwareDatetime
-    reason: str = "cancelled by request"
-
-
-class RetryRequested(BaseModel):
-    """A user asked to run a FAILED run again from its failed step."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    at: AwareDatetime
-
-
-class RunRestored(BaseModel):
-    """The run's last checkpoint, to rebuild it when the table lost it (broker or disk gone)."""
-
-    model_config = _FROZEN
-
-    state: RunState
-    at: AwareDatetime
-
-    @property
-    def run_id(self) -> str:
-        """The run being restored."""
-        return self.state.run_id
-
-
-Event: TypeAlias = RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested | RunRestored
-
-
-def event_run_id(event: Event) -> str:
-    """The run an event belongs to."""
-    return event.result.run_id if isinstance(event, AgentResultReceived) else event.run_id
-
-
-# -------------------------------------------------------------------- effects
-
-
-class DispatchTask(BaseModel):
-    """Send ``task`` to the bridge, not before ``not_before`` (a delayed retry)."""
-
-    model_config = _FROZEN
-
-    task: AgentTask
-    not_before: AwareDatetime | None = None
-
-
-class ScheduleTimeout(BaseModel):
-    """At ``at``, deliver :class:`StepTimedOut` for this attempt."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    step_id: str
-    attempt: int
-    at: AwareDatetime
-
-
-class CancelAgentTask(BaseModel):
-    """Ask the agent to cancel the call with this correlation id, if it can."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    step_id: str
-    attempt: int
-    correlation_id: str
-    agent_name: str
-
-
-class PublishMonitoring(BaseModel):
-    """Publish a live update."""
-
-    model_config = _FROZEN
-
-    update: MonitoringUpdate
-
-
-class Checkpoint(BaseModel):
-    """Write this snapshot to PostgreSQL."""
-
-    model_config = _FROZEN
-
-    state: RunState
-
-
-class RunFinished(BaseModel):
-    """The run reached an end."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    status: RunStatus
-    output: JsonValue = None
-    error: RunError | None = None
-
-
-class DeadLetter(BaseModel):
-    """The event cannot be applied to any run; park it with the reason."""
-
-    model_config = _FROZEN
-
-    run_id: str
-    reason: str
-
-
-Effect: TypeAlias = (
-    DispatchTask | ScheduleTimeout | CancelAgentTask | PublishMonitoring | Checkpoint | RunFinished | DeadLetter
-)
 Outcome: TypeAlias = tuple[RunState | None, list[Effect]]
-_Changed: TypeAlias = tuple[RunState, list[Effect]]
+
+UNRETRIABLE_RUN_ERRORS = frozenset(
+    {ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE, ErrorKind.CONDITION_ERROR, ErrorKind.LOOP_EXHAUSTED}
+)
+"""Runs a retry cannot help: stored without their data (or unreadable), or failed on a condition of
+outputs that a retry would not change."""
+
+_NOT_CHOSEN = "no step that leads here chose it"
+
+
+def retry_refusal(run_id: str, error_kind: str | None) -> str | None:
+    """Why a FAILED run with this error kind cannot be retried, or None if it can."""
+    if error_kind in {ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE}:
+        return f"run {run_id!r} failed with {error_kind}: its data were not kept, so it cannot be retried"
+    if error_kind in UNRETRIABLE_RUN_ERRORS:
+        return (
+            f"run {run_id!r} failed with {error_kind}: the outputs it was decided on would not change, "
+            "so a retry would fail the same way"
+        )
+    return None
 
 
 # ----------------------------------------------------------------- transition
@@ -412,8 +161,8 @@ def transition(state: RunState | None, event: Event) -> Outcome:
         to carry out, in order.
     """
     if isinstance(event, RunSubmitted):
-        new, effects = _on_submitted(state, event)
-    elif isinstance(event, RunRestored):
+        return _on_submitted(state, event)
+    if isinstance(event, RunRestored):
         if state is not None:
             return state, []  # the table has it: the table is newer than any checkpoint
         restored = event.state
@@ -421,23 +170,62 @@ def transition(state: RunState | None, event: Event) -> Outcome:
             _monitor(restored, event.at, "RESTORED", detail={"version": restored.version}),
             *resume(restored, event.at),
         ]
-    elif state is None:
+    if state is None:
         return None, [DeadLetter(run_id=event_run_id(event), reason=f"no run {event_run_id(event)!r} is known")]
-    elif isinstance(event, AgentResultReceived):
-        new, effects = _on_result(state, event)
-    elif isinstance(event, StepTimedOut):
-        new, effects = _on_timeout(state, event)
-    elif isinstance(event, CancelRequested):
-        new, effects = _on_cancel(state, event)
-    else:
-        new, effects = _on_retry(state, event)
-    if new is None or new is state:
-        return state, effects
-    if state is not None:
-        new = new.model_copy(update={"version": state.version + 1})
-    # One checkpoint per change, of the final state, after the other effects
-    # that describe it (the snapshot is the durable record of all of them).
-    return new, [*effects, Checkpoint(state=new)]
+    if isinstance(event, AgentResultReceived):
+        result = event.result
+        if result.step_id not in state.plan.steps:
+            return state, [
+                DeadLetter(run_id=state.run_id, reason=f"run {state.run_id!r} has no step {result.step_id!r}")
+            ]
+        execution = state.executions.get(execution_key(result.step_id, result.iteration, result.item))
+        attempt = execution.current if execution else None
+        if (
+            execution is None
+            or attempt is None
+            or not state.awaits(result.step_id, result.attempt, result.iteration, result.item)
+            or attempt.correlation_id != result.correlation_id
+        ):
+            # Stale or duplicate: idempotent. (A PENDING attempt's result is
+            # accepted: it proves the delayed dispatch happened.)
+            return state, []
+        draft = _Draft(state, event.at)
+        if result.status is ResultStatus.SUCCESS:
+            _succeed(draft, execution, attempt, result.output)
+        else:
+            assert result.error is not None  # guaranteed by AgentResult's validator
+            _fail_attempt(draft, execution, attempt, result.error)
+        return draft.outcome()
+    if isinstance(event, StepTimedOut):
+        execution = state.executions.get(execution_key(event.step_id, event.iteration, event.item))
+        attempt = execution.current if execution else None
+        if (
+            execution is None
+            or attempt is None
+            or not state.awaits(event.step_id, event.attempt, event.iteration, event.item)
+            or event.at < attempt.deadline
+        ):
+            return state, []
+        draft = _Draft(state, event.at)
+        timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
+        error = AgentError(
+            kind=ErrorKind.TIMEOUT,
+            message=f"no result from agent {attempt.agent_name!r} within {timeout_s:g}s",
+            retriable=True,
+        )
+        draft.effects.append(_cancel_task(state.run_id, execution, attempt))
+        _fail_attempt(draft, execution, attempt, error)
+        return draft.outcome()
+    if isinstance(event, CancelRequested):
+        if state.status.finished:
+            return state, []
+        draft = _Draft(state, event.at)
+        stopped_at = step_in_flight(state)
+        _stop_open(draft, StepStatus.CANCELLED, None)
+        cancelled = RunError(kind=ErrorKind.CANCELLED, message=event.reason, step_id=stopped_at)
+        _finish(draft, RunStatus.CANCELLED, error=cancelled)
+        return draft.outcome()
+    return _on_retry(state, event)
 
 
 def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]:
@@ -460,28 +248,127 @@ def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]
     Returns:
         The effects to carry out; empty for a finished run.
     """
-    if state.status is not RunStatus.RUNNING or state.current_step is None:
+    if state.status is not RunStatus.RUNNING:
         return []
-    step = state.steps.get(state.current_step)
-    attempt = step.current if step else None
-    if step is None or attempt is None or attempt.status.finished:
+    effects: list[Effect] = []
+    for execution in state.open_executions():
+        attempt = execution.current
+        if attempt is None or attempt.status.finished:
+            continue
+        not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
+        effects.append(DispatchTask(task=_task(state.run_id, execution, attempt), not_before=not_before))
+        effects.append(
+            _timeout(state.run_id, execution, attempt, max(attempt.deadline, now + timedelta(seconds=grace_s)))
+        )
+    return effects
+
+
+def cancel_in_flight(state: RunState | None, at: datetime) -> list[CancelAgentTask]:
+    """Ask the agents to stop the attempts ``state`` waits for that may have been sent (their time has come)."""
+    if state is None or state.status.finished:
         return []
-    not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
-    return [
-        DispatchTask(task=_task(state, step.step_id, attempt), not_before=not_before),
-        ScheduleTimeout(
-            run_id=state.run_id,
-            step_id=step.step_id,
-            attempt=attempt.number,
-            at=max(attempt.deadline, now + timedelta(seconds=grace_s)),
-        ),
-    ]
+    out = []
+    for execution in state.open_executions():
+        attempt = execution.current
+        if attempt is not None and not attempt.status.finished and attempt.dispatch_at <= at:
+            out.append(_cancel_task(state.run_id, execution, attempt))
+    return out
+
+
+def final_update(state: RunState) -> PublishMonitoring | None:
+    """The monitoring update that told the world a finished run's end (None while it runs).
+
+    The same update every time, so it can be published again after a crash
+    lost it: a consumer sees a copy with the same status and timestamp.
+    """
+    if not state.status.finished or state.completed_at is None:
+        return None
+    return _monitor(state, state.completed_at, state.status, detail=_end_detail(state.error))
+
+
+# --------------------------------------------------------------------- drafts
+
+
+class _Draft:
+    """The run being changed by one event: copies of its maps, changed in place, and the effects so far.
+
+    The state passed in is never changed; :meth:`outcome` builds the new one.
+    """
+
+    def __init__(self, state: RunState, at: datetime) -> None:
+        self.state = state
+        self.at = at
+        self.plan = state.plan
+        self.graph = state.plan.graph()
+        self.steps = dict(state.steps)
+        self.executions = dict(state.executions)
+        self.fields: dict[str, object] = {}
+        self.effects: list[Effect] = []
+        self.filling: set[str] = set()
+
+    @property
+    def status(self) -> RunStatus:
+        return self.fields.get("status", self.state.status)  # type: ignore[return-value]
+
+    @property
+    def last_step(self) -> str | None:
+        return self.fields.get("last_step", self.state.last_step)  # type: ignore[return-value]
+
+    def put(self, item: StepState | Execution) -> None:
+        if isinstance(item, StepState):
+            self.steps[item.step_id] = item
+        else:
+            self.executions[item.key] = item
+
+    def build(self) -> RunState:
+        return self.state.model_copy(
+            update={
+                "steps": self.steps,
+                "executions": self.executions,
+                "updated_at": max(self.at, self.state.updated_at),
+                **self.fields,
+            }
+        )
+
+    def outcome(self) -> Outcome:
+        new = self.build().model_copy(update={"version": self.state.version + 1})
+        # One checkpoint per change, of the final state, after the other effects
+        # that describe it (the snapshot is the durable record of all of them).
+        return new, [*self.effects, Checkpoint(state=new)]
+
+    def context(self, execution: Execution | None = None) -> MappingContext:
+        outputs = {s.step_id: s.output for s in self.steps.values() if s.has_output}
+        if execution is None or execution.item is None:
+            return MappingContext(workflow_input=self.state.input, step_outputs=outputs)
+        items = self.steps[execution.step_id].items or ()
+        return MappingContext(
+            workflow_input=self.state.input, step_outputs=outputs, item=items[execution.item], index=execution.item
+        )
+
+    def monitor(
+        self, status: str, execution: Execution | None = None, *, step_id: str | None = None, **detail: JsonValue
+    ) -> None:
+        attempt = execution.current if execution is not None else None
+        self.effects.append(
+            PublishMonitoring(
+                update=MonitoringUpdate(
+                    run_id=self.state.run_id,
+                    step_id=execution.step_id if execution is not None else step_id,
+                    attempt=attempt.number if attempt is not None else None,
+                    iteration=execution.iteration if execution is not None else None,
+                    item=execution.item if execution is not None else None,
+                    status=status,
+                    timestamp=self.at,
+                    detail=dict(detail),
+                )
+            )
+        )
 
 
 # ------------------------------------------------------------------- handlers
 
 
-def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
+def _on_submitted(state: RunState | None, event: RunSubmitted) -> Outcome:
     fingerprint = submission_fingerprint(event.plan, event.input)
     if state is not None:
         if state.fingerprint is not None:
@@ -507,6 +394,7 @@ def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
         started_at=event.at,
         updated_at=event.at,
     )
+    draft = _Draft(run, event.at)
     problems = check_plan(event.plan)
     if problems:
         error = RunError(
@@ -514,101 +402,426 @@ def _on_submitted(state: RunState | None, event: RunSubmitted) -> _Changed:
             message="; ".join(str(p) for p in problems),
             details=[{"path": p.path, "reason": p.reason} for p in problems],
         )
-        return _finish(run, RunStatus.FAILED, event.at, error=error, started=False)
-    effects: list[Effect] = [_monitor(run, event.at, RunStatus.RUNNING)]
-    run, step_effects = _start_step(run, run.plan.start_step, event.at)
-    return run, effects + step_effects
+        _finish(draft, RunStatus.FAILED, error=error, started=False)
+    else:
+        draft.monitor(RunStatus.RUNNING)
+        _signal(draft, None, run.plan.start_step, chosen=True)
+    new = draft.build()  # a new run starts at version 1
+    return new, [*draft.effects, Checkpoint(state=new)]
 
 
-def _on_result(state: RunState, event: AgentResultReceived) -> _Changed:
-    result = event.result
-    if result.step_id not in state.plan.steps:
-        return state, [DeadLetter(run_id=state.run_id, reason=f"run {state.run_id!r} has no step {result.step_id!r}")]
-    step = state.steps.get(result.step_id)
-    attempt = step.current if step else None
-    if (
-        state.status is not RunStatus.RUNNING
-        or step is None
-        or attempt is None
-        or step.status.finished
-        or attempt.number != result.attempt
-        or attempt.correlation_id != result.correlation_id
-        or attempt.status.finished
-    ):
-        # Stale or duplicate: idempotent. (A PENDING attempt's result is
-        # accepted: it proves the delayed dispatch happened.)
-        return state, []
-    if result.status is ResultStatus.SUCCESS:
-        return _succeed(state, step, attempt, result.output, event.at)
-    assert result.error is not None  # guaranteed by AgentResult's validator
-    return _fail_attempt(state, step, attempt, result.error, event.at)
-
-
-def _on_timeout(state: RunState, event: StepTimedOut) -> _Changed:
-    step = state.steps.get(event.step_id)
-    attempt = step.current if step else None
-    if step is None or attempt is None or not state.awaits(event.step_id, event.attempt) or event.at < attempt.deadline:
-        return state, []
-    timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
-    error = AgentError(
-        kind=ErrorKind.TIMEOUT,
-        message=f"no result from agent {attempt.agent_name!r} within {timeout_s:g}s",
-        retriable=True,
-    )
-    state, effects = _fail_attempt(state, step, attempt, error, event.at)
-    return state, [_cancel_task(state.run_id, step.step_id, attempt), *effects]
-
-
-def _on_cancel(state: RunState, event: CancelRequested) -> _Changed:
-    if state.status.finished:
-        return state, []
-    effects = _cancel_in_flight(state, event.at)
-    state = _end_open_step(state, StepStatus.CANCELLED, event.at)
-    error = RunError(kind=ErrorKind.CANCELLED, message=event.reason, step_id=state.current_step)
-    state, finish = _finish(state, RunStatus.CANCELLED, event.at, error=error)
-    return state, effects + finish
-
-
-UNRETRIABLE_RUN_ERRORS = frozenset({ErrorKind.STATE_TOO_LARGE, ErrorKind.UNREADABLE_STATE})
-"""Runs stored without their data (or unreadable): a retry would run on what is left, so it is refused."""
-
-
-def retry_refusal(run_id: str, error_kind: str | None) -> str | None:
-    """Why a FAILED run with this error kind cannot be retried, or None if it can."""
-    if error_kind not in UNRETRIABLE_RUN_ERRORS:
-        return None
-    return f"run {run_id!r} failed with {error_kind}: its data were not kept, so it cannot be retried"
-
-
-def _on_retry(state: RunState, event: RetryRequested) -> _Changed:
+def _on_retry(state: RunState, event: RetryRequested) -> Outcome:
     refusal = retry_refusal(state.run_id, state.error.kind if state.error is not None else None)
     if state.status is RunStatus.FAILED and refusal is not None:
         return state, [DeadLetter(run_id=state.run_id, reason=refusal)]
-    if state.status is not RunStatus.FAILED or state.current_step is None:
-        return state, []  # only a run that failed at a step can be retried
-    step = state.steps.get(state.current_step)
-    if step is None or step.status is not StepStatus.FAILED:
+    if state.status is not RunStatus.FAILED:
+        return state, []  # only a failed run can be retried
+    failed = [s for s in state.steps.values() if s.status in {StepStatus.FAILED, StepStatus.CANCELLED}]
+    if not failed:
         return state, []
-    reopened = state.model_copy(
-        update={"status": RunStatus.RUNNING, "error": None, "completed_at": None, "output": None}
+    draft = _Draft(state, event.at)
+    draft.fields.update({"status": RunStatus.RUNNING, "error": None, "completed_at": None, "output": None})
+    draft.monitor(RunStatus.RUNNING, retry_requested=True)
+    for step in failed:
+        reopen = [
+            e
+            for e in state.executions.values()
+            if e.step_id == step.step_id
+            and e.iteration == step.iteration
+            and e.status in {StepStatus.FAILED, StepStatus.CANCELLED}
+        ]
+        if not reopen:
+            # It failed before any call of this iteration (its input or list could not be mapped): start it again.
+            draft.put(step.model_copy(update={"status": StepStatus.PENDING, "error": None, "completed_at": None}))
+            _start(draft, step.step_id)
+            continue
+        draft.put(
+            step.model_copy(
+                update={
+                    "status": StepStatus.RUNNING,
+                    "error": None,
+                    "completed_at": None,
+                    "open_items": step.open_items + sum(1 for e in reopen if e.item is not None),
+                }
+            )
+        )
+        for execution in reopen:
+            execution = execution.model_copy(
+                update={
+                    "status": StepStatus.RUNNING,
+                    "error": None,
+                    "completed_at": None,
+                    "first_attempt_of_round": len(execution.attempts) + 1,
+                    "fallback_agent": None,
+                }
+            )
+            draft.put(execution)
+            _new_attempt(draft, execution, event.at)
+            if draft.status is not RunStatus.RUNNING:
+                break
+        if draft.status is not RunStatus.RUNNING:
+            break
+    return draft.outcome()
+
+
+# ------------------------------------------------------------- the step graph
+
+
+def _signal(draft: _Draft, source: str | None, target: str, *, chosen: bool) -> None:
+    """``source`` finished (None: the run or a loop starts ``target``); tell ``target``, and on down its skips."""
+    work: deque[tuple[str | None, str, bool]] = deque([(source, target, chosen)])
+    while work and draft.status is RunStatus.RUNNING:
+        source, target, chosen = work.popleft()
+        plan_step = draft.plan.steps[target]
+        step = draft.steps.get(target) or StepState(
+            step_id=target, agent_name=plan_step.agent_name, status=StepStatus.PENDING
+        )
+        if step.status is not StepStatus.PENDING:
+            continue  # it started already (an any-join), or lost its race
+        if source is not None and source not in step.arrived:
+            step = step.model_copy(
+                update={
+                    "arrived": (*step.arrived, source),
+                    "chosen_by": (*step.chosen_by, source) if chosen else step.chosen_by,
+                }
+            )
+        draft.put(step)
+        waiting_for = [p for p in draft.graph.predecessors[target] if p in draft.graph.reachable]
+        if source is None or (plan_step.join == "any" and step.chosen_by):
+            start = True
+        elif all(p in step.arrived for p in waiting_for):
+            start = bool(step.chosen_by)
+        else:
+            continue  # a join still waiting for some of its branches
+        if start:
+            _start(draft, target)
+            continue
+        # Skipped in this iteration: an output of an earlier one is not the latest.
+        step = step.model_copy(
+            update={
+                "status": StepStatus.SKIPPED,
+                "skip_reason": _NOT_CHOSEN,
+                "completed_at": draft.at,
+                "has_output": False,
+                "output": None,
+            }
+        )
+        draft.put(step)
+        draft.monitor(StepStatus.SKIPPED, step_id=target, reason=_NOT_CHOSEN)
+        for after in draft.graph.targets[target]:
+            work.append((target, after, False))
+
+
+def _start(draft: _Draft, step_id: str) -> None:
+    """Start a step whose join is satisfied: its execution, or a map step's first items."""
+    plan_step = draft.plan.steps[step_id]
+    step = draft.steps[step_id].model_copy(
+        update={"status": StepStatus.RUNNING, "started_at": draft.at, "completed_at": None, "error": None}
     )
-    next_number = len(step.attempts) + 1
-    step = step.model_copy(
+    draft.put(step)
+    if plan_step.join == "any":
+        _stop_racers(draft, step_id)
+    if plan_step.map is None:
+        _open_execution(draft, step, None)
+        return
+    if step.items is None:
+        items = _map_items(draft, step_id, plan_step)
+        if items is None:
+            return
+        step = step.model_copy(update={"items": tuple(items), "next_item": 0, "open_items": 0})
+        draft.put(step)
+    if not step.items:
+        _step_done(draft, step_id, [])
+        return
+    _fill_map(draft, step_id)
+
+
+def _stop_racers(draft: _Draft, join_id: str) -> None:
+    """An any-join started: the steps that only lead to it are no longer needed."""
+    for racer in sorted(draft.graph.won_by(join_id)):
+        step = draft.steps.get(racer)
+        if step is not None and step.status.finished:
+            continue
+        for execution in list(draft.executions.values()):
+            if execution.step_id == racer and not execution.status.finished:
+                _end_execution(draft, execution, StepStatus.CANCELLED, None)
+        reason = f"{join_id!r} started with another branch"
+        plan_step = draft.plan.steps[racer]
+        base = step or StepState(step_id=racer, agent_name=plan_step.agent_name, status=StepStatus.PENDING)
+        draft.put(
+            base.model_copy(
+                update={"status": StepStatus.SKIPPED, "skip_reason": reason, "completed_at": draft.at, "open_items": 0}
+            )
+        )
+        draft.monitor(StepStatus.SKIPPED, step_id=racer, reason=reason)
+
+
+def _map_items(draft: _Draft, step_id: str, plan_step: WorkflowStep) -> list[JsonValue] | None:
+    """The list a map step goes over, or None after failing the step with the reason."""
+    assert plan_step.map is not None
+    over = plan_step.map.over
+    try:
+        items = resolve_mapping(over, draft.context())
+    except MappingError as error:
+        _fail_step(draft, step_id, ErrorKind.MAPPING_ERROR, f"step {step_id!r}: map.over cannot be read: {error}")
+        return None
+    if not isinstance(items, list):
+        _fail_step(
+            draft,
+            step_id,
+            ErrorKind.INVALID_MAP_LIST,
+            f"step {step_id!r}: map.over {over!r} is {type(items).__name__}, not a list",
+        )
+        return None
+    if len(items) > MAX_MAP_ITEMS:
+        _fail_step(
+            draft,
+            step_id,
+            ErrorKind.INVALID_MAP_LIST,
+            f"step {step_id!r}: map.over has {len(items)} items, over the most a map takes ({MAX_MAP_ITEMS})",
+        )
+        return None
+    return items
+
+
+def _fill_map(draft: _Draft, step_id: str) -> None:
+    """Open a map step's next items up to ``max_concurrency``; complete the step once all have ended.
+
+    An item may end as it opens (its input cannot be mapped): then this loop
+    opens the next, rather than a call nested one deeper per item.
+    """
+    if step_id in draft.filling:
+        return  # an item ended while the loop below was opening it: the loop goes on
+    plan_step = draft.plan.steps[step_id]
+    assert plan_step.map is not None
+    draft.filling.add(step_id)
+    try:
+        while draft.status is RunStatus.RUNNING:
+            step = draft.steps[step_id]
+            if (
+                step.status is not StepStatus.RUNNING
+                or step.items is None
+                or step.next_item >= len(step.items)
+                or step.open_items >= plan_step.map.max_concurrency
+            ):
+                break
+            item = step.next_item
+            draft.put(step.model_copy(update={"next_item": item + 1, "open_items": step.open_items + 1}))
+            _open_execution(draft, draft.steps[step_id], item)
+    finally:
+        draft.filling.discard(step_id)
+    step = draft.steps[step_id]
+    if (
+        draft.status is not RunStatus.RUNNING
+        or step.status is not StepStatus.RUNNING
+        or step.open_items > 0
+        or step.items is None
+        or step.next_item < len(step.items)
+    ):
+        return
+    outputs: list[JsonValue] = []
+    for index in range(len(step.items)):
+        execution = draft.executions[execution_key(step_id, step.iteration, index)]
+        if execution.status is StepStatus.FAILED and execution.error is not None:
+            outputs.append({"error": {"kind": execution.error.kind, "message": execution.error.message}})
+        else:
+            outputs.append(execution.output)
+    _step_done(draft, step_id, outputs)
+
+
+def _open_execution(draft: _Draft, step: StepState, item: int | None) -> None:
+    execution = Execution(
+        step_id=step.step_id,
+        iteration=step.iteration,
+        item=item,
+        agent_name=step.agent_name,
+        status=StepStatus.RUNNING,
+        started_at=draft.at,
+    )
+    draft.put(execution)
+    _new_attempt(draft, execution, draft.at)
+
+
+def _new_attempt(draft: _Draft, execution: Execution, dispatch_at: datetime) -> None:
+    """Add the next attempt to ``execution``, or fail it if its input cannot be mapped."""
+    plan_step = draft.plan.steps[execution.step_id]
+    try:
+        task_input = resolve_mapping(plan_step.input_mapping, draft.context(execution))
+    except MappingError as error:
+        mapping_error = AgentError(kind=ErrorKind.MAPPING_ERROR, message=str(error), retriable=False)
+        _execution_failed(draft, execution, mapping_error, why="input mapping failed")
+        return
+    agent_name = execution.agent
+    timeout_s, _ = _policy(draft.state, plan_step, agent_name)
+    number = len(execution.attempts) + 1
+    delayed = dispatch_at > draft.at
+    attempt = Attempt(
+        number=number,
+        correlation_id=correlation_id(
+            draft.state.run_id, execution.step_id, number, execution.iteration, execution.item
+        ),
+        agent_name=agent_name,
+        status=StepStatus.PENDING if delayed else StepStatus.RUNNING,
+        input=task_input,
+        dispatch_at=dispatch_at,
+        deadline=dispatch_at + timedelta(seconds=timeout_s),
+    )
+    execution = execution.model_copy(
         update={
+            "attempts": (*execution.attempts, attempt),
+            "next_attempt_at": dispatch_at if delayed else None,
             "status": StepStatus.RUNNING,
-            "error": None,
-            "completed_at": None,
-            "first_attempt_of_round": next_number,
-            "fallback_agent": None,
         }
     )
-    reopened = _put_step(reopened, step, event.at)
-    effects: list[Effect] = [_monitor(reopened, event.at, RunStatus.RUNNING, detail={"retry_requested": True})]
-    reopened, step_effects = _new_attempt(reopened, step, event.at, event.at)
-    return reopened, effects + step_effects
+    draft.put(execution)
+    draft.effects.append(
+        DispatchTask(task=_task(draft.state.run_id, execution, attempt), not_before=dispatch_at if delayed else None)
+    )
+    draft.effects.append(_timeout(draft.state.run_id, execution, attempt, attempt.deadline))
+    draft.monitor(
+        "SCHEDULED" if delayed else StepStatus.RUNNING,
+        execution,
+        agent=agent_name,
+        dispatch_at=dispatch_at.isoformat(),
+    )
 
 
-# -------------------------------------------------------------------- helpers
+def _succeed(draft: _Draft, execution: Execution, attempt: Attempt, output: JsonValue) -> None:
+    done = attempt.model_copy(update={"status": StepStatus.COMPLETED, "finished_at": draft.at, "output": output})
+    execution = execution.model_copy(
+        update={
+            "status": StepStatus.COMPLETED,
+            "attempts": (*execution.attempts[:-1], done),
+            "output": output,
+            "error": None,
+            "next_attempt_at": None,
+            "completed_at": draft.at,
+        }
+    )
+    draft.put(execution)
+    draft.monitor(StepStatus.COMPLETED, execution)
+    _execution_ended(draft, execution, output)
+
+
+def _execution_ended(draft: _Draft, execution: Execution, output: JsonValue, *, skipped: bool = False) -> None:
+    """An execution ended with an output (done, or skipped by its recovery policy): its step goes on."""
+    if execution.item is None:
+        _step_done(draft, execution.step_id, output, skipped=skipped)
+        return
+    step = draft.steps[execution.step_id]
+    draft.put(step.model_copy(update={"open_items": step.open_items - 1}))
+    _fill_map(draft, execution.step_id)
+
+
+def _step_done(draft: _Draft, step_id: str, output: JsonValue, *, skipped: bool = False) -> None:
+    """A step has its output: decide its loop and its routes, then tell the steps after it."""
+    plan_step = draft.plan.steps[step_id]
+    step = draft.steps[step_id].model_copy(
+        update={
+            "status": StepStatus.SKIPPED if skipped else StepStatus.COMPLETED,
+            "has_output": True,
+            "output": output,
+            "error": None,
+            "completed_at": draft.at,
+        }
+    )
+    draft.put(step)
+    if plan_step.map is not None:
+        draft.monitor(step.status, step_id=step_id, items=len(step.items or ()))
+    context = draft.context()
+    if plan_step.loop is not None:
+        loop = plan_step.loop
+        try:
+            again = evaluate(parse_condition(loop.while_), context)
+        except ConditionError as error:
+            _fail_step(draft, step_id, ErrorKind.CONDITION_ERROR, f"step {step_id!r}: loop.while {error.reason}")
+            return
+        if again and step.iteration < loop.max_iterations:
+            _next_iteration(draft, step_id)
+            return
+        if again and loop.when_exhausted == "fail":
+            _fail_step(
+                draft,
+                step_id,
+                ErrorKind.LOOP_EXHAUSTED,
+                f"step {step_id!r}: the loop back to {loop.back_to!r} ran {step.iteration} of "
+                f"{loop.max_iterations} iteration(s) and its condition still holds: {loop.while_}",
+            )
+            return
+        if again:
+            draft.monitor("LOOP_EXHAUSTED", step_id=step_id, iterations=step.iteration, going_on=True)
+    chosen = _chosen(draft, step_id, plan_step, context)
+    if chosen is None:
+        return
+    if not chosen:  # no link, or no route that held: a path of the run ends here
+        draft.fields["last_step"] = step_id
+    for target in draft.graph.targets[step_id]:
+        _signal(draft, step_id, target, chosen=target in chosen)
+    _finish_if_done(draft)
+
+
+def _chosen(draft: _Draft, step_id: str, plan_step: WorkflowStep, context: MappingContext) -> set[str] | None:
+    """Where a finished step leads (None after failing it: a condition could not be evaluated)."""
+    if plan_step.routes is None:
+        return set(draft.graph.targets[step_id])
+    for index, route in enumerate(plan_step.routes):
+        try:
+            taken = evaluate(parse_condition(route.when), context)
+        except ConditionError as error:
+            _fail_step(draft, step_id, ErrorKind.CONDITION_ERROR, f"step {step_id!r}: routes[{index}] {error.reason}")
+            return None
+        if taken:
+            return _targets_of(route.to)
+    return _targets_of(plan_step.otherwise)
+
+
+def _targets_of(value: str | list[str] | None) -> set[str]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, str) else set(value)
+
+
+def _next_iteration(draft: _Draft, loop_step: str) -> None:
+    """Start the loop's body again, as its next iteration: outputs stay readable until replaced."""
+    loop = draft.plan.steps[loop_step].loop
+    assert loop is not None
+    iteration = draft.steps[loop_step].iteration + 1
+    for member in draft.graph.bodies[loop_step]:
+        old = draft.steps.get(member)
+        plan_step = draft.plan.steps[member]
+        draft.put(
+            StepState(
+                step_id=member,
+                agent_name=plan_step.agent_name,
+                status=StepStatus.PENDING,
+                iteration=iteration,
+                has_output=old.has_output if old else False,
+                output=old.output if old else None,
+            )
+        )
+    draft.monitor("ITERATION", step_id=loop.back_to, iteration=iteration, loop=loop_step)
+    _signal(draft, None, loop.back_to, chosen=True)
+
+
+def _finish_if_done(draft: _Draft) -> None:
+    if draft.status is not RunStatus.RUNNING:
+        return
+    if any(not s.status.finished for s in draft.steps.values()):
+        return
+    if draft.plan.output is not None:
+        try:
+            output = resolve_mapping(draft.plan.output, draft.context())
+        except MappingError as error:
+            run_error = RunError(kind=ErrorKind.MAPPING_ERROR, message=f"the plan's output cannot be mapped: {error}")
+            _finish(draft, RunStatus.FAILED, error=run_error)
+            return
+    else:
+        last = draft.steps.get(draft.last_step or "")
+        output = last.output if last is not None and last.has_output else None
+    _finish(draft, RunStatus.COMPLETED, output=output)
+
+
+# ------------------------------------------------------------------- failures
 
 
 def _policy(state: RunState, step: WorkflowStep, agent_name: str) -> tuple[float, RetryPolicy]:
@@ -618,258 +831,177 @@ def _policy(state: RunState, step: WorkflowStep, agent_name: str) -> tuple[float
     return timeout_s, retry
 
 
-def _agent_of(step: StepState) -> str:
-    return step.fallback_agent or step.agent_name
-
-
-def _put_step(state: RunState, step: StepState, at: datetime) -> RunState:
-    steps = dict(state.steps)
-    steps[step.step_id] = step
-    return state.model_copy(
-        update={"steps": steps, "current_step": step.step_id, "updated_at": max(at, state.updated_at)}
-    )
-
-
-def _monitor(
-    state: RunState,
-    at: datetime,
-    status: str,
-    *,
-    step_id: str | None = None,
-    attempt: int | None = None,
-    detail: dict[str, JsonValue] | None = None,
-) -> PublishMonitoring:
-    return PublishMonitoring(
-        update=MonitoringUpdate(
-            run_id=state.run_id, step_id=step_id, attempt=attempt, status=status, timestamp=at, detail=detail or {}
-        )
-    )
-
-
-def _task(state: RunState, step_id: str, attempt: Attempt) -> AgentTask:
-    return AgentTask(
-        correlation_id=attempt.correlation_id,
-        run_id=state.run_id,
-        step_id=step_id,
-        attempt=attempt.number,
-        agent_name=attempt.agent_name,
-        input=attempt.input,
-        deadline=attempt.deadline,
-    )
-
-
-def _start_step(state: RunState, step_id: str, at: datetime) -> _Changed:
-    """Open ``step_id`` and make its first attempt (the run is RUNNING)."""
-    plan_step = state.plan.steps[step_id]
-    step = StepState(step_id=step_id, agent_name=plan_step.agent_name, status=StepStatus.RUNNING, started_at=at)
-    state = _put_step(state, step, at)
-    return _new_attempt(state, step, at, at)
-
-
-def _new_attempt(state: RunState, step: StepState, at: datetime, dispatch_at: datetime) -> _Changed:
-    """Add the next attempt to ``step``, or fail it if its input cannot be mapped."""
-    plan_step = state.plan.steps[step.step_id]
-    outputs = {s.step_id: s.output for s in state.steps.values() if s.status.has_output}
-    try:
-        task_input = resolve_mapping(
-            plan_step.input_mapping, MappingContext(workflow_input=state.input, step_outputs=outputs)
-        )
-    except MappingError as error:
-        mapping_error = AgentError(kind=ErrorKind.MAPPING_ERROR, message=str(error), retriable=False)
-        failed = step.model_copy(
-            update={"status": StepStatus.FAILED, "error": mapping_error, "completed_at": at, "next_attempt_at": None}
-        )
-        state = _put_step(state, failed, at)
-        run_error = RunError(
-            kind=ErrorKind.MAPPING_ERROR,
-            message=f"step {step.step_id!r}: input mapping failed: {error}",
-            step_id=step.step_id,
-        )
-        effects: list[Effect] = [
-            _monitor(state, at, StepStatus.FAILED, step_id=step.step_id, detail={"error": mapping_error.message})
-        ]
-        state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
-        return state, effects + finish
-    agent_name = _agent_of(step)
-    timeout_s, _ = _policy(state, plan_step, agent_name)
-    number = len(step.attempts) + 1
-    delayed = dispatch_at > at
-    attempt = Attempt(
-        number=number,
-        correlation_id=correlation_id(state.run_id, step.step_id, number),
-        agent_name=agent_name,
-        status=StepStatus.PENDING if delayed else StepStatus.RUNNING,
-        input=task_input,
-        dispatch_at=dispatch_at,
-        deadline=dispatch_at + timedelta(seconds=timeout_s),
-    )
-    step = step.model_copy(
-        update={
-            "attempts": (*step.attempts, attempt),
-            "next_attempt_at": dispatch_at if delayed else None,
-            "status": StepStatus.RUNNING,
-        }
-    )
-    state = _put_step(state, step, at)
-    effects = [
-        DispatchTask(task=_task(state, step.step_id, attempt), not_before=dispatch_at if delayed else None),
-        ScheduleTimeout(run_id=state.run_id, step_id=step.step_id, attempt=number, at=attempt.deadline),
-        _monitor(
-            state,
-            at,
-            "SCHEDULED" if delayed else StepStatus.RUNNING,
-            step_id=step.step_id,
-            attempt=number,
-            detail={"agent": agent_name, "dispatch_at": dispatch_at.isoformat()},
-        ),
-    ]
-    return state, effects
-
-
-def _succeed(state: RunState, step: StepState, attempt: Attempt, output: JsonValue, at: datetime) -> _Changed:
-    done = attempt.model_copy(update={"status": StepStatus.COMPLETED, "finished_at": at, "output": output})
-    step = step.model_copy(
-        update={
-            "status": StepStatus.COMPLETED,
-            "attempts": (*step.attempts[:-1], done),
-            "output": output,
-            "error": None,
-            "next_attempt_at": None,
-            "completed_at": at,
-        }
-    )
-    state = _put_step(state, step, at)
-    effects: list[Effect] = [_monitor(state, at, StepStatus.COMPLETED, step_id=step.step_id, attempt=attempt.number)]
-    state, advance_effects = _advance(state, step.step_id, output, at)
-    return state, effects + advance_effects
-
-
-def _fail_attempt(state: RunState, step: StepState, attempt: Attempt, error: AgentError, at: datetime) -> _Changed:
-    plan_step = state.plan.steps[step.step_id]
-    _, policy = _policy(state, plan_step, _agent_of(step))
-    failed = attempt.model_copy(update={"status": StepStatus.FAILED, "finished_at": at, "error": error})
-    step = step.model_copy(update={"attempts": (*step.attempts[:-1], failed), "error": error})
-    used = attempt.number - step.first_attempt_of_round + 1
+def _fail_attempt(draft: _Draft, execution: Execution, attempt: Attempt, error: AgentError) -> None:
+    plan_step = draft.plan.steps[execution.step_id]
+    _, policy = _policy(draft.state, plan_step, execution.agent)
+    failed = attempt.model_copy(update={"status": StepStatus.FAILED, "finished_at": draft.at, "error": error})
+    execution = execution.model_copy(update={"attempts": (*execution.attempts[:-1], failed), "error": error})
+    draft.put(execution)
+    used = attempt.number - execution.first_attempt_of_round + 1
     retriable = error.retriable and error.kind not in policy.non_retriable_kinds
     if retriable and used < policy.max_attempts:
         delay = policy.delay_s(used, attempt.correlation_id)
-        state = _put_step(state, step, at)
-        effects: list[Effect] = [_failed(state, step, attempt, error, at, will_retry=True)]
-        state, retry_effects = _new_attempt(state, step, at, at + timedelta(seconds=delay))
-        return state, effects + retry_effects
+        draft.monitor(StepStatus.FAILED, execution, error=error.message, kind=error.kind, will_retry=True)
+        _new_attempt(draft, execution, draft.at + timedelta(seconds=delay))
+        return
     why = "not retriable" if not retriable else f"{used} attempt(s) used of {policy.max_attempts}"
-    recovery = state.defaults.agent(step.agent_name).recovery
-    if recovery.action is RecoveryAction.FALLBACK and recovery.fallback_agent and step.fallback_agent is None:
-        return _fall_back(state, step, attempt, error, recovery.fallback_agent, why, at)
+    recovery = draft.state.defaults.agent(execution.agent_name).recovery
+    if recovery.action is RecoveryAction.FALLBACK and recovery.fallback_agent and execution.fallback_agent is None:
+        execution = execution.model_copy(
+            update={"fallback_agent": recovery.fallback_agent, "first_attempt_of_round": len(execution.attempts) + 1}
+        )
+        draft.put(execution)
+        draft.monitor(
+            StepStatus.FAILED,
+            execution,
+            error=error.message,
+            kind=error.kind,
+            why=why,
+            fallback_agent=recovery.fallback_agent,
+        )
+        _new_attempt(draft, execution, draft.at)
+        return
     if recovery.action is RecoveryAction.SKIP:
-        return _skip(state, step, attempt, error, recovery.default_output, why, at)
-    step = step.model_copy(update={"status": StepStatus.FAILED, "completed_at": at, "next_attempt_at": None})
-    state = _put_step(state, step, at)
-    run_error = RunError(
-        kind=error.kind,
-        message=f"step {step.step_id!r} failed ({why}): {error.message}",
-        step_id=step.step_id,
-        attempt=attempt.number,
+        execution = execution.model_copy(
+            update={
+                "status": StepStatus.SKIPPED,
+                "output": recovery.default_output,
+                "next_attempt_at": None,
+                "completed_at": draft.at,
+            }
+        )
+        draft.put(execution)
+        draft.monitor(StepStatus.SKIPPED, execution, error=error.message, kind=error.kind, why=why)
+        _execution_ended(draft, execution, recovery.default_output, skipped=True)
+        return
+    _execution_failed(draft, execution, error, why=why)
+
+
+def _execution_failed(draft: _Draft, execution: Execution, error: AgentError, *, why: str) -> None:
+    """An execution failed for good: a collecting map goes on; anything else fails its step, and the run."""
+    execution = execution.model_copy(
+        update={"status": StepStatus.FAILED, "error": error, "next_attempt_at": None, "completed_at": draft.at}
     )
-    effects = [_failed(state, step, attempt, error, at, will_retry=False)]
-    state, finish = _finish(state, RunStatus.FAILED, at, error=run_error)
-    return state, effects + finish
+    draft.put(execution)
+    draft.monitor(StepStatus.FAILED, execution, error=error.message, kind=error.kind, will_retry=False)
+    plan_step = draft.plan.steps[execution.step_id]
+    if execution.item is not None and plan_step.map is not None and plan_step.map.on_item_failure == "collect":
+        step = draft.steps[execution.step_id]
+        draft.put(step.model_copy(update={"open_items": step.open_items - 1}))
+        _fill_map(draft, execution.step_id)
+        return
+    where = f"step {execution.step_id!r}"
+    if execution.item is not None:
+        where += f" item {execution.item}"
+    if execution.iteration > 1:
+        where += f" (iteration {execution.iteration})"
+    if error.kind == ErrorKind.MAPPING_ERROR:
+        message = f"{where}: input mapping failed: {error.message}"
+    else:
+        message = f"{where} failed ({why}): {error.message}"
+    current = execution.current
+    _fail_step(
+        draft,
+        execution.step_id,
+        error.kind,
+        message,
+        attempt=current.number if current is not None else None,
+        execution=execution,
+    )
 
 
-def _failed(
-    state: RunState,
-    step: StepState,
-    attempt: Attempt,
-    error: AgentError,
-    at: datetime,
+def _fail_step(
+    draft: _Draft,
+    step_id: str,
+    kind: str,
+    message: str,
     *,
-    status: StepStatus = StepStatus.FAILED,
-    **detail: JsonValue,
-) -> PublishMonitoring:
-    """The live update for an attempt that failed (and what happens next, in ``detail``)."""
-    return _monitor(
-        state,
-        at,
-        status,
-        step_id=step.step_id,
-        attempt=attempt.number,
-        detail={"error": error.message, "kind": error.kind, **detail},
+    attempt: int | None = None,
+    execution: Execution | None = None,
+) -> None:
+    """A step failed: everything still open stops (cancelled at the agents), and the run fails."""
+    step = draft.steps[step_id]
+    step_error = AgentError(kind=kind, message=message[:10_000], retriable=False)
+    draft.put(step.model_copy(update={"status": StepStatus.FAILED, "error": step_error, "completed_at": draft.at}))
+    if execution is None:
+        draft.monitor(StepStatus.FAILED, step_id=step_id, error=message, kind=kind)
+    _stop_open(draft, StepStatus.CANCELLED, f"cancelled: step {step_id!r} failed")
+    draft.fields["last_step"] = step_id
+    error = RunError(
+        kind=kind,
+        message=message,
+        step_id=step_id,
+        attempt=attempt,
+        iteration=step.iteration if step.iteration > 1 else None,
+        item=execution.item if execution is not None else None,
     )
+    _finish(draft, RunStatus.FAILED, error=error)
 
 
-def _advance(state: RunState, step_id: str, output: JsonValue, at: datetime) -> _Changed:
-    """After a step ended with an output (done or skipped): start the next one, or complete the run."""
-    next_step = state.plan.steps[step_id].next_step
-    if next_step is None:
-        return _finish(state, RunStatus.COMPLETED, at, output=output)
-    return _start_step(state, next_step, at)
+def _stop_open(draft: _Draft, status: StepStatus, reason: str | None) -> None:
+    """End every open execution and running step with ``status`` (the calls in flight are cancelled)."""
+    for execution in list(draft.executions.values()):
+        if not execution.status.finished:
+            _end_execution(draft, execution, status, reason)
+    for step in list(draft.steps.values()):
+        if step.status is StepStatus.RUNNING:
+            draft.put(step.model_copy(update={"status": status, "completed_at": draft.at, "open_items": 0}))
+        elif step.open_items:
+            draft.put(step.model_copy(update={"open_items": 0}))  # the failed map step: its items were stopped
 
 
-def _fall_back(
-    state: RunState, step: StepState, attempt: Attempt, error: AgentError, fallback: str, why: str, at: datetime
-) -> _Changed:
-    """The recovery policy moves the step to another agent, with a fresh round of attempts."""
-    step = step.model_copy(
-        update={"fallback_agent": fallback, "first_attempt_of_round": len(step.attempts) + 1, "error": error}
+def _end_execution(draft: _Draft, execution: Execution, status: StepStatus, reason: str | None) -> None:
+    attempt = execution.current
+    attempts = execution.attempts
+    if attempt is not None and not attempt.status.finished:
+        if attempt.dispatch_at <= draft.at:
+            draft.effects.append(_cancel_task(draft.state.run_id, execution, attempt))
+        ended = attempt.model_copy(update={"status": status, "finished_at": draft.at})
+        attempts = (*attempts[:-1], ended)
+    error = AgentError(kind=ErrorKind.CANCELLED, message=reason) if reason else execution.error
+    draft.put(
+        execution.model_copy(
+            update={
+                "status": status,
+                "attempts": attempts,
+                "error": error,
+                "next_attempt_at": None,
+                "completed_at": draft.at,
+            }
+        )
     )
-    state = _put_step(state, step, at)
-    effects: list[Effect] = [_failed(state, step, attempt, error, at, why=why, fallback_agent=fallback)]
-    state, attempt_effects = _new_attempt(state, step, at, at)
-    return state, effects + attempt_effects
-
-
-def _skip(
-    state: RunState, step: StepState, attempt: Attempt, error: AgentError, output: JsonValue, why: str, at: datetime
-) -> _Changed:
-    """The recovery policy gives up on the step but not on the run: it goes on with a default output."""
-    step = step.model_copy(
-        update={
-            "status": StepStatus.SKIPPED,
-            "output": output,
-            "error": error,
-            "next_attempt_at": None,
-            "completed_at": at,
-        }
-    )
-    state = _put_step(state, step, at)
-    effects: list[Effect] = [_failed(state, step, attempt, error, at, status=StepStatus.SKIPPED, why=why)]
-    state, advance_effects = _advance(state, step.step_id, output, at)
-    return state, effects + advance_effects
 
 
 def _finish(
-    state: RunState,
+    draft: _Draft,
     status: RunStatus,
-    at: datetime,
     *,
     output: JsonValue = None,
     error: RunError | None = None,
     started: bool = True,
-) -> _Changed:
-    state = state.model_copy(
-        update={
+) -> None:
+    draft.fields.update(
+        {
             "status": status,
             "output": output,
             "error": error,
-            "completed_at": at,
-            "updated_at": max(at, state.updated_at),
-            "started_at": state.started_at if started else None,
+            "completed_at": draft.at,
+            "started_at": draft.state.started_at if started else None,
         }
     )
-    update = final_update(state)
-    assert update is not None  # the state has just finished
-    return state, [update, RunFinished(run_id=state.run_id, status=status, output=output, error=error)]
+    draft.effects.append(_monitor(draft.state, draft.at, status, detail=_end_detail(error)))
+    draft.effects.append(RunFinished(run_id=draft.state.run_id, status=status, output=output, error=error))
 
 
-def final_update(state: RunState) -> PublishMonitoring | None:
-    """The monitoring update that told the world a finished run's end (None while it runs).
+# -------------------------------------------------------------------- helpers
 
-    The same update every time, so it can be published again after a crash
-    lost it: a consumer sees a copy with the same status and timestamp.
-    """
-    if not state.status.finished or state.completed_at is None:
-        return None
-    return _monitor(state, state.completed_at, state.status, detail=_end_detail(state.error))
+
+def _monitor(
+    state: RunState, at: datetime, status: str, *, detail: dict[str, JsonValue] | None = None
+) -> PublishMonitoring:
+    return PublishMonitoring(
+        update=MonitoringUpdate(run_id=state.run_id, status=status, timestamp=at, detail=detail or {})
+    )
 
 
 def _end_detail(error: RunError | None) -> dict[str, JsonValue]:
@@ -879,282 +1011,38 @@ def _end_detail(error: RunError | None) -> dict[str, JsonValue]:
     return {"error": error.message, "kind": error.kind, "step_id": error.step_id}
 
 
-# ------------------------------------------------- runs that cannot be stored
-
-_KEEP_BYTES = 1024
-"""Values up to this size stay in a reduced state; larger ones are replaced by a note of what they were."""
-
-
-def dropped(value: JsonValue, reason: str) -> dict[str, JsonValue]:
-    """What stands in a reduced state for a value that was dropped: its size, its SHA-256 and why.
-
-    Both are of the value as compact UTF-8 JSON.
-    """
-    raw = _compact_json(value)
-    return {"dropped": {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "reason": reason}}
-
-
-def fail_too_large(
-    before: RunState | None, after: RunState, *, size: int, limit: int, at: datetime
-) -> tuple[RunState, list[Effect]]:
-    """The run's next state would be ``size`` bytes, over ``limit``: fail the run instead.
-
-    The failure must be recorded, so the state is stored in a reduced form
-    that fits: large inputs and outputs are replaced by :func:`dropped` notes
-    (then all of them, then the plan's mappings, then the history), and the
-    run is FAILED with kind ``state_too_large`` naming both sizes. What the
-    transition wanted to do (dispatch the next step, ...) is not done; an
-    attempt that was in flight before is cancelled at the agent.
-
-    Args:
-        before: The stored state (None for a new run).
-        after: The state the transition produced (or ``before`` itself when
-            the stored state is already too large).
-        size: The encoded size of ``after``, in bytes.
-        limit: The most a stored state may take.
-        at: The time of the event.
-
-    Returns:
-        The reduced FAILED state and its effects.
-    """
-    error = RunError(
-        kind=ErrorKind.STATE_TOO_LARGE,
-        message=(
-            f"the run's state would be {size} bytes, over the limit of {limit} bytes "
-            "(SWITCHYARD_MAX_MESSAGE_BYTES); the run is stored without its large inputs and outputs"
-        ),
-        step_id=after.current_step,
-        details={"size": size, "limit": limit},
-    )
-    # Above both, so that this record replaces any snapshot PostgreSQL has of either.
-    version = max(after.version, before.version if before is not None else 0) + 1
-    failed = _failed_run(after, error, at).model_copy(update={"version": version})
-    reduced = _reduce(failed, limit, ErrorKind.STATE_TOO_LARGE)
-    # Only an attempt sent before this event (not one the transition just opened, nor one whose result
-    # this is) may be at an agent now.
-    sent = [c for c in _cancel_in_flight(after, at) if _sent_before(before, after, c, at)]
-    return reduced, [*sent, *_finish_effects(reduced, at)]
-
-
-def fail_unreadable(run_id: str, raw: Any, reason: str, at: datetime, *, limit: int) -> tuple[RunState, list[Effect]]:
-    """A stored state that cannot be read (a broken or foreign record): fail the run with the reason.
-
-    What can be read of it is kept (the plan, the input and the times when
-    they are valid), so that the record says which run this was.
-
-    Args:
-        run_id: The run.
-        raw: The stored JSON, decoded as far as it could be (None if not at all).
-        reason: Why it cannot be read.
-        at: Now.
-        limit: The most a stored state may take: what is kept is reduced to fit.
-
-    Returns:
-        A FAILED state of kind ``unreadable_state`` and its effects.
-    """
-    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    try:
-        plan = WorkflowPlan.model_validate(data.get("plan"))
-    except ValueError:
-        plan = _STUB_PLAN
-    stored_input = data.get("input")
-    run_input: dict[str, JsonValue] = stored_input if isinstance(stored_input, dict) else {}
-    version = data.get("version")
-    error = RunError(
-        kind=ErrorKind.UNREADABLE_STATE,
-        message=f"the run's stored state cannot be read, so the run cannot go on: {reason}",
-        details={"reason": reason[:2000]},
-    )
-    failed = RunState(
+def _task(run_id: str, execution: Execution, attempt: Attempt) -> AgentTask:
+    return AgentTask(
+        correlation_id=attempt.correlation_id,
         run_id=run_id,
-        status=RunStatus.FAILED,
-        plan=plan,
-        input={},
-        error=error,
-        created_at=at,
-        completed_at=at,
-        updated_at=at,
-        version=_UNKNOWN_VERSION,
-    )
-    salvaged = {
-        "input": run_input,
-        "created_at": data.get("created_at") or at,
-        "started_at": data.get("started_at"),
-        # Above the stored snapshot's, so that this record replaces it in PostgreSQL.
-        "version": version + 1
-        if isinstance(version, int) and not isinstance(version, bool) and version >= 1
-        else _UNKNOWN_VERSION,
-    }
-    try:
-        state = RunState.model_validate({**failed.model_dump(), **salvaged})
-    except ValueError:  # what was kept is itself broken (a time that is not one, say)
-        state = failed
-    state = _reduce(state, limit, ErrorKind.UNREADABLE_STATE)
-    return state, _finish_effects(state, at)
-
-
-_UNKNOWN_VERSION = 2**53
-"""The version of a record that replaces a snapshot whose version cannot be read: newer than any."""
-
-_STUB_PLAN = WorkflowPlan(
-    workflow_id="(unreadable)",
-    name="(unreadable)",
-    version="0",
-    start_step="unreadable",
-    steps={"unreadable": WorkflowStep(id="unreadable", agent_name="(none)")},
-)
-
-
-def _failed_run(state: RunState, error: RunError, at: datetime) -> RunState:
-    """``state`` FAILED with ``error``; its step still open fails with it (the attempt in flight too)."""
-    step_error = AgentError(kind=error.kind, message=error.message[:10_000], retriable=False)
-    state = _end_open_step(state, StepStatus.FAILED, at, step_error)
-    return state.model_copy(
-        update={
-            "status": RunStatus.FAILED,
-            "output": None,
-            "error": error,
-            "completed_at": at,
-            "updated_at": max(at, state.updated_at),
-        }
+        step_id=execution.step_id,
+        attempt=attempt.number,
+        iteration=execution.iteration,
+        item=execution.item,
+        agent_name=attempt.agent_name,
+        input=attempt.input,
+        deadline=attempt.deadline,
     )
 
 
-def _end_open_step(state: RunState, status: StepStatus, at: datetime, error: AgentError | None = None) -> RunState:
-    """End the run's current step with ``status`` if it is still open, and its attempt not yet finished."""
-    step = state.steps.get(state.current_step or "")
-    if step is None or step.status.finished:
-        return state
-    attempts = step.attempts
-    current = step.current
-    if current is not None and not current.status.finished:
-        ended = current.model_copy(update={"status": status, "finished_at": at, "error": error or current.error})
-        attempts = (*attempts[:-1], ended)
-    step = step.model_copy(
-        update={
-            "status": status,
-            "attempts": attempts,
-            "error": error or step.error,
-            "next_attempt_at": None,
-            "completed_at": at,
-        }
-    )
-    return state.model_copy(update={"steps": {**state.steps, step.step_id: step}})
-
-
-def _sent_before(before: RunState | None, after: RunState, cancel: Effect, at: datetime) -> bool:
-    """Whether the attempt ``cancel`` names was in flight before this event (so it may be at an agent)."""
-    if not isinstance(cancel, CancelAgentTask):
-        return False
-    if before is None:  # a restored run: its attempt was sent before the restore
-        step = after.steps.get(cancel.step_id)
-        attempt = step.current if step else None
-        return attempt is not None and attempt.dispatch_at < at
-    step = before.steps.get(cancel.step_id)
-    return (
-        any(a.correlation_id == cancel.correlation_id and not a.status.finished for a in step.attempts)
-        if step
-        else False
+def _timeout(run_id: str, execution: Execution, attempt: Attempt, at: datetime) -> ScheduleTimeout:
+    return ScheduleTimeout(
+        run_id=run_id,
+        step_id=execution.step_id,
+        attempt=attempt.number,
+        iteration=execution.iteration,
+        item=execution.item,
+        at=at,
     )
 
 
-def _cancel_task(run_id: str, step_id: str, attempt: Attempt) -> CancelAgentTask:
+def _cancel_task(run_id: str, execution: Execution, attempt: Attempt) -> CancelAgentTask:
     return CancelAgentTask(
         run_id=run_id,
-        step_id=step_id,
+        step_id=execution.step_id,
         attempt=attempt.number,
+        iteration=execution.iteration,
+        item=execution.item,
         correlation_id=attempt.correlation_id,
         agent_name=attempt.agent_name,
     )
-
-
-def _cancel_in_flight(state: RunState | None, at: datetime) -> list[Effect]:
-    """Ask the agent to stop the attempt ``state`` waits for, if it may have been sent (its time has come)."""
-    if state is None or state.status.finished or state.current_step is None:
-        return []
-    step = state.steps.get(state.current_step)
-    attempt = step.current if step else None
-    if step is None or attempt is None or attempt.status.finished or attempt.dispatch_at > at:
-        return []
-    return [_cancel_task(state.run_id, step.step_id, attempt)]
-
-
-def _finish_effects(state: RunState, at: datetime) -> list[Effect]:
-    return [
-        _monitor(state, at, state.status, detail=_end_detail(state.error)),
-        RunFinished(run_id=state.run_id, status=state.status, output=state.output, error=state.error),
-        Checkpoint(state=state),
-    ]
-
-
-def _encoded_size(state: RunState) -> int:
-    return len(state.model_dump_json().encode()) + len(state.run_id.encode())
-
-
-def _reduce(state: RunState, limit: int, reason: str) -> RunState:
-    """``state`` made to fit in ``limit`` bytes, giving up as little as it can.
-
-    In turn: inputs and outputs over 1 KiB, then all of them, then the plan's
-    mappings and the registry policies copied into the run, then the history
-    and the plan itself (the run's identity and its error stay). The last
-    form is a few hundred bytes, far below the smallest limit the settings allow.
-    """
-    for keep in (_KEEP_BYTES, 0):
-        state = _drop_values(state, keep, reason)
-        if _encoded_size(state) <= limit:
-            return state
-    plan = state.plan.model_copy(
-        update={"steps": {k: s.model_copy(update={"input_mapping": {}}) for k, s in state.plan.steps.items()}}
-    )
-    defaults = ExecutionDefaults(timeout_s=state.defaults.timeout_s, retry=state.defaults.retry)
-    state = state.model_copy(update={"plan": plan, "defaults": defaults})
-    if _encoded_size(state) <= limit:
-        return state
-    stub = _STUB_PLAN.model_copy(
-        update={
-            "workflow_id": state.plan.workflow_id,
-            "name": state.plan.name,
-            "version": state.plan.version,
-        }
-    )
-    error = state.error
-    if error is not None:
-        error = error.model_copy(update={"message": error.message[:2000], "details": _small_details(error.details)})
-    return state.model_copy(update={"plan": stub, "steps": {}, "current_step": None, "error": error})
-
-
-def _small_details(details: JsonValue) -> JsonValue:
-    return details if _json_size(details) <= _KEEP_BYTES else None
-
-
-def _compact_json(value: JsonValue) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
-
-
-def _json_size(value: JsonValue) -> int:
-    """The bytes of ``value`` as compact JSON (what :func:`dropped` counts)."""
-    return len(_compact_json(value))
-
-
-def _is_dropped(value: JsonValue) -> bool:
-    return isinstance(value, dict) and set(value) == {"dropped"} and isinstance(value["dropped"], dict)
-
-
-def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
-    """Replace inputs and outputs larger than ``keep`` bytes by a note of what they were (notes stay)."""
-
-    def small(value: JsonValue) -> JsonValue:
-        if value is None or _is_dropped(value) or _json_size(value) <= keep:
-            return value
-        return dropped(value, reason)
-
-    steps = {}
-    for step_id, step in state.steps.items():
-        attempts = tuple(
-            a.model_copy(update={"input": small(a.input), "output": small(a.output)}) for a in step.attempts
-        )
-        steps[step_id] = step.model_copy(update={"attempts": attempts, "output": small(step.output)})
-    run_input = state.input
-    if run_input and not _is_dropped(run_input) and _json_size(run_input) > keep:
-        run_input = dropped(run_input, reason)
-    return state.model_copy(update={"steps": steps, "input": run_input, "output": small(state.output)})

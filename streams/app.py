@@ -9,7 +9,7 @@ Agents (one per input topic, each with ``concurrency=1``, the only writers of
 the ``runs`` table) decode their input, turn it into an event of the pure
 state machine and hand it to :class:`~streams.shell.RunShell`. Anything that
 cannot be processed goes to the dead-letter topic with the reason; the worker
-goes on (DESIGN.md rule 4).
+goes on (docs/architecture.md rule 4).
 """
 
 from __future__ import annotations
@@ -129,7 +129,14 @@ def _event_from_control(message: ControlMessage) -> Event:
     # RESTORE and RESUME are handled before this; what is left is a step timeout.
     assert message.step_id is not None  # checked by ControlMessage
     assert message.attempt is not None
-    return StepTimedOut(run_id=message.run_id, step_id=message.step_id, attempt=message.attempt, at=at)
+    return StepTimedOut(
+        run_id=message.run_id,
+        step_id=message.step_id,
+        attempt=message.attempt,
+        iteration=message.iteration,
+        item=message.item,
+        at=at,
+    )
 
 
 def create_app(settings: Settings | None = None) -> ExecutorApp:

@@ -3,7 +3,7 @@
 Agents hand it every changed :class:`~models.run.RunState` with :meth:`put`,
 which never blocks and never awaits. Only the newest snapshot of each run is
 kept until the next flush; a flush writes them all in one transaction in a
-worker thread (DESIGN.md rule 6). A failed flush keeps its snapshots and tries
+worker thread (docs/architecture.md rule 6). A failed flush keeps its snapshots and tries
 again with backoff, so a database outage delays the record but loses nothing
 while the worker lives (and the changelog still has the state if it dies).
 """

@@ -336,7 +336,7 @@ async def watch_run(
     Raises:
         CliError: The run recorded under ``run_id`` is another submission's.
     """
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[str, str] = {}
     started = time.monotonic()
     deadline = started + timeout_s
     hinted = checked = False
@@ -377,10 +377,10 @@ async def wait_for_run(
     return await watch_run(repo.get_run, run_id, timeout_s=timeout_s, echo=echo, poll_s=poll_s, submission=submission)
 
 
-def _step_lines(record: RunRecord, seen: dict[tuple[str, int], str]) -> list[str]:
+def _step_lines(record: RunRecord, seen: dict[str, str]) -> list[str]:
     lines = []
     for attempt in record.steps:
-        key = (attempt.step_id, attempt.attempt)
+        key = attempt.correlation_id
         if seen.get(key) == attempt.status:
             continue
         seen[key] = attempt.status
@@ -390,7 +390,12 @@ def _step_lines(record: RunRecord, seen: dict[tuple[str, int], str]) -> list[str
         error = ""
         if isinstance(attempt.error, dict) and attempt.error.get("message"):
             error = f": {attempt.error['message']}"
-        lines.append(f"  {attempt.step_id} #{attempt.attempt} [{attempt.agent_name}] {attempt.status}{took}{error}")
+        where = attempt.step_id
+        if attempt.iteration > 1:
+            where += f" (iteration {attempt.iteration})"
+        if attempt.item is not None:
+            where += f" [item {attempt.item}]"
+        lines.append(f"  {where} #{attempt.attempt} [{attempt.agent_name}] {attempt.status}{took}{error}")
     return lines
 
 
@@ -656,7 +661,7 @@ def register(app: ExecutorApp) -> None:
     )
     async def status(self: AppCommand, run_id: str, as_json: bool) -> int:
         """Show a run: its status, every step and attempt, and its output or error. Exit 1 if FAILED or CANCELLED."""
-        from streams.web import record_view
+        from streams.views import record_view
 
         record = await asyncio.to_thread(WorkflowRepository(_engine(settings)).get_run, run_id)
         if record is None:

@@ -1,4 +1,4 @@
-"""What heals the executor after a restart, a rebalance, or lost state (DESIGN.md, "Recovery").
+"""What heals the executor after a restart, a rebalance, or lost state (docs/architecture.md, "Recovery").
 
 * Before Faust opens its tables, :func:`discard_stale_tables` compares each
   RocksDB partition's persisted changelog offset with the broker's end offset.
@@ -134,7 +134,8 @@ class PartitionRecovery:
             gained, lost = current - self.owned, self.owned - current
             self.owned = current
             if lost:
-                dropped = self.app.timers.cancel_where(lambda key: self._partition_of_timer(key) in lost)
+                n = self.app.settings.topic_partitions
+                dropped = self.app.timers.cancel_where(lambda key: partition_of(key.run_id, n) in lost)
                 log.info("partitions %s moved away; dropped %d timer(s)", sorted(lost), dropped)
             if gained:
                 await self.heal(gained)
@@ -143,10 +144,6 @@ class PartitionRecovery:
             raise
         except Exception:
             log.exception("could not resume the runs of newly assigned partitions")
-
-    def _partition_of_timer(self, key: str) -> int:
-        run_id = key.split(":", 1)[-1].split("/", 1)[0]
-        return partition_of(run_id, self.app.settings.topic_partitions)
 
     async def heal(self, partitions: Iterable[int]) -> None:
         """Resume the table's RUNNING runs in ``partitions`` and ask to restore the ones it lacks."""

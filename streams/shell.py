@@ -2,8 +2,8 @@
 
 :meth:`RunShell.apply` is the only code that writes the ``runs`` table: it
 reads the state, calls :func:`models.run.transition`, and stores the result,
-with no ``await`` in between (DESIGN.md rule 3). It is called only from the
-agents' ``async for`` loops (rule 2). :meth:`RunShell.carry_out` then performs
+with no ``await`` in between (docs/architecture.md, rule 3). It is called only
+from the agents' ``async for`` loops (rule 2). :meth:`RunShell.carry_out` then performs
 the effects: sends tasks, sets timers, queues checkpoints, publishes updates.
 """
 
@@ -26,6 +26,7 @@ from models.messages import (
     ControlMessage,
     ErrorKind,
     WorkflowSubmission,
+    correlation_id,
     encode,
     utcnow,
 )
@@ -53,6 +54,7 @@ from models.run import (
     resume,
     transition,
 )
+from streams.timers import TimerKey
 from switchyard.limits import BoundedSender, DeadLetters, record_size
 from switchyard.registry import Registry, RegistryError
 
@@ -103,11 +105,11 @@ class _Checkpoints(Protocol):
 
 
 class _Timers(Protocol):
-    def call_at(self, when: datetime, key: str, action: Callable[[], Any]) -> None: ...
+    def call_at(self, when: datetime, key: TimerKey, action: Callable[[], Any]) -> None: ...
 
-    def cancel(self, key: str) -> None: ...
+    def cancel(self, key: TimerKey) -> None: ...
 
-    def cancel_where(self, matches: Callable[[str], bool]) -> int: ...
+    def cancel_where(self, matches: Callable[[TimerKey], bool]) -> int: ...
 
 
 class _Unusable(Exception):
@@ -321,20 +323,26 @@ class RunShell:
 
     def _forget_all_timers(self, run_id: str) -> None:
         """Drop every timer of a run that has just failed as a whole (its record may no longer list its attempts)."""
-        self.timers.cancel_where(lambda timer: timer.split(":", 1)[-1].startswith(f"{run_id}/"))
+        self.timers.cancel_where(lambda timer: timer.run_id == run_id)
 
     def _forget_timers(self, old: RunState | None, new: RunState) -> None:
-        """Drop the deadline and dispatch timers of attempts that have just ended."""
-        for step in new.steps.values():
-            before = old.steps.get(step.step_id) if old is not None else None
-            for attempt in step.attempts:
+        """Drop the deadline and dispatch timers of attempts that have just ended.
+
+        Unchanged executions are the same objects in both states (transitions
+        copy only what they change), so only the changed ones are looked at.
+        """
+        for key, execution in new.executions.items():
+            before = old.executions.get(key) if old is not None else None
+            if before is execution:
+                continue
+            for attempt in execution.attempts:
                 if not attempt.status.finished:
                     continue
                 known = before is not None and attempt.number <= len(before.attempts)
                 if known and before is not None and before.attempts[attempt.number - 1].status.finished:
                     continue
-                self.timers.cancel(f"timeout:{attempt.correlation_id}")
-                self.timers.cancel(f"dispatch:{attempt.correlation_id}")
+                self.timers.cancel(TimerKey("timeout", new.run_id, attempt.correlation_id))
+                self.timers.cancel(TimerKey("dispatch", new.run_id, attempt.correlation_id))
 
     # -------------------------------------------------------------- effects
 
@@ -394,13 +402,16 @@ class RunShell:
                 run_id=effect.run_id,
                 step_id=effect.step_id,
                 attempt=effect.attempt,
+                iteration=effect.iteration,
+                item=effect.item,
                 agent_name=effect.agent_name,
             )
             await self.cancels.send(key=effect.run_id.encode(), value=encode(cancel))
 
     def _dispatch(self, effect: DispatchTask) -> None:
         if effect.not_before is not None:
-            self.timers.call_at(effect.not_before, f"dispatch:{effect.task.correlation_id}", self._task_action(effect))
+            key = TimerKey("dispatch", effect.task.run_id, effect.task.correlation_id)
+            self.timers.call_at(effect.not_before, key, self._task_action(effect))
 
     async def _send_task(self, effect: DispatchTask) -> None:
         await self.tasks.send(key=effect.task.run_id.encode(), value=encode(effect.task))
@@ -416,13 +427,15 @@ class RunShell:
 
         async def action() -> None:
             state = self.load(effect.run_id)
-            if state is None or not state.awaits(effect.step_id, effect.attempt):
+            if state is None or not state.awaits(effect.step_id, effect.attempt, effect.iteration, effect.item):
                 return  # the attempt ended (or the run moved to another worker)
             message = ControlMessage(
                 run_id=effect.run_id,
                 command=ControlCommand.STEP_TIMEOUT,
                 step_id=effect.step_id,
                 attempt=effect.attempt,
+                iteration=effect.iteration,
+                item=effect.item,
                 requested_at=utcnow(),
             )
             await self.control.send(key=effect.run_id.encode(), value=encode(message))
@@ -655,5 +668,6 @@ CRASH_WINDOW = timedelta(seconds=10)
 """How long before a worker's last change records it produced may not have been sent (Faust commits every 2.8 s)."""
 
 
-def _timeout_key(effect: ScheduleTimeout) -> str:
-    return f"timeout:{effect.run_id}/{effect.step_id}/{effect.attempt}"
+def _timeout_key(effect: ScheduleTimeout) -> TimerKey:
+    attempt_id = correlation_id(effect.run_id, effect.step_id, effect.attempt, effect.iteration, effect.item)
+    return TimerKey("timeout", effect.run_id, attempt_id)

@@ -35,6 +35,7 @@ from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, Work
 from models.plan import PlanValidationError, load_plan
 from models.run import RunState, RunStatus, retry_refusal
 from streams.submissions import Refusal, SubmissionRefused, encode_submission, is_repeat
+from streams.views import record_view, state_view
 from switchyard import http_guard, topics
 from switchyard.db import RunRecord, WorkflowRepository
 from switchyard.registry import RegistrySecretError, RegistryStore
@@ -47,11 +48,9 @@ __all__ = [
     "recorded_status",
     "list_query",
     "put_agent",
-    "record_view",
     "refuse_command",
     "register",
     "run_command",
-    "state_view",
     "submit_run",
     "valid_run_id",
 ]
@@ -100,123 +99,6 @@ def valid_run_id(run_id: object) -> bool:
     """Whether ``run_id`` is a run id (letters, digits, '.', '_', ':', '-', at most 128)."""
     # fullmatch: the pattern's "$" alone would let a trailing newline through.
     return isinstance(run_id, str) and _RUN_ID.fullmatch(run_id) is not None
-
-
-def state_view(state: RunState) -> dict[str, Any]:
-    """A run's live state as the API shows it."""
-    data = state.model_dump(mode="json")
-    steps = []
-    for step_id in state.plan.order():
-        step = data["steps"].get(step_id)
-        if step is None:
-            continue
-        steps.append(
-            {
-                "step_id": step_id,
-                "agent_name": step["agent_name"],
-                "status": step["status"],
-                "output": step["output"],
-                "error": step["error"],
-                "started_at": step["started_at"],
-                "completed_at": step["completed_at"],
-                "next_attempt_at": step["next_attempt_at"],
-                "attempts": [
-                    {
-                        "attempt": a["number"],
-                        "correlation_id": a["correlation_id"],
-                        "agent_name": a["agent_name"],
-                        "status": a["status"],
-                        "input": a["input"],
-                        "output": a["output"],
-                        "error": a["error"],
-                        "started_at": a["dispatch_at"],
-                        "deadline": a["deadline"],
-                        "completed_at": a["finished_at"],
-                    }
-                    for a in step["attempts"]
-                ],
-            }
-        )
-    return {
-        "run_id": state.run_id,
-        "status": data["status"],
-        "workflow_id": state.plan.workflow_id,
-        "workflow_version": state.plan.version,
-        "input": data["input"],
-        "output": data["output"],
-        "error": data["error"],
-        "created_at": data["created_at"],
-        "started_at": data["started_at"],
-        "completed_at": data["completed_at"],
-        "updated_at": data["updated_at"],
-        "version": state.version,
-        "steps": steps,
-        "source": "live",
-    }
-
-
-def record_view(record: RunRecord) -> dict[str, Any]:
-    """A run from PostgreSQL, in the same shape as :func:`state_view`.
-
-    From the run's last snapshot when it has one; otherwise (a submission
-    rejected before it ran) from the rows.
-    """
-    if record.state is not None:
-        return {**state_view(RunState.model_validate(record.state)), "source": "record"}
-    return _rows_view(record)
-
-
-def _rows_view(record: RunRecord) -> dict[str, Any]:
-    data = record.model_dump(mode="json")
-    by_step: dict[str, list[dict[str, Any]]] = {}
-    for attempt in data["steps"]:
-        by_step.setdefault(attempt["step_id"], []).append(attempt)
-    steps = []
-    for step_id, attempts in by_step.items():
-        last = attempts[-1]
-        steps.append(
-            {
-                "step_id": step_id,
-                "agent_name": last["agent_name"],
-                "status": last["status"],
-                "output": last["output_data"],
-                "error": last["error"],
-                "started_at": attempts[0]["started_at"],
-                "completed_at": last["completed_at"],
-                "next_attempt_at": None,
-                "attempts": [
-                    {
-                        "attempt": a["attempt"],
-                        "correlation_id": a["correlation_id"],
-                        "agent_name": a["agent_name"],
-                        "status": a["status"],
-                        "input": a["input_data"],
-                        "output": a["output_data"],
-                        "error": a["error"],
-                        "started_at": a["started_at"],
-                        "deadline": a["deadline"],
-                        "completed_at": a["completed_at"],
-                    }
-                    for a in attempts
-                ],
-            }
-        )
-    return {
-        "run_id": record.run_id,
-        "status": record.status,
-        "workflow_id": record.workflow_id,
-        "workflow_version": record.workflow_version,
-        "input": data["input"],
-        "output": data["output"],
-        "error": data["error"],
-        "created_at": data["created_at"],
-        "started_at": data["started_at"],
-        "completed_at": data["completed_at"],
-        "updated_at": data["updated_at"],
-        "version": record.version,
-        "steps": steps,
-        "source": "record",
-    }
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """PostgreSQL access: the engine, the schema, the repositories and the snapshot upsert.
 
 All functions here block; async callers run them in a worker thread
-(DESIGN.md rule 6). Every repository method is its own transaction.
+(docs/architecture.md, rule 6). Every repository method is its own transaction.
 """
 
 from __future__ import annotations
@@ -10,23 +10,25 @@ import functools
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
+from alembic import command
+from alembic.config import Config
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
-from sqlalchemy import Engine, Executable, Table, bindparam, create_engine, select, text, update
+from sqlalchemy import Engine, Executable, Table, bindparam, create_engine, inspect, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models.messages import submission_fingerprint, utcnow
-from models.records import Base, StepExecution, WorkflowRun
-from models.run import RunState, RunStatus, StepStatus
+from models.records import StepExecution, WorkflowRun
+from models.run import RunState, RunStatus
 
 __all__ = [
     "RunRecord",
     "SnapshotRepository",
     "StepRecord",
-    "StepRepository",
     "WorkflowRepository",
     "create_schema",
     "make_engine",
@@ -68,36 +70,44 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
     )
 
 
-_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("workflow_runs", "state", "JSONB"),)
-
-# Any constant shared by every Switchyard process; serializes schema creation.
+# Any constant shared by every Switchyard process; serializes schema changes.
 _SCHEMA_LOCK_KEY = 0x5377_6974_6368  # "Switch"
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_FIRST_REVISION = "0001"
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the tables and indexes that do not exist yet (idempotent).
+    """Bring the schema to the latest Alembic revision (idempotent).
 
-    Processes started together (executor, bridge, CLI) may all call this at
-    once; a transaction-scoped advisory lock makes them take turns instead of
-    colliding in PostgreSQL's catalog.
+    A database created before migrations existed (its tables there, no
+    ``alembic_version``) is stamped with the first revision, which is exactly
+    those tables, and upgraded from there. Processes started together
+    (executor, bridge, CLI) may all call this at once; a transaction-scoped
+    advisory lock makes them take turns instead of colliding in PostgreSQL's
+    catalog.
     """
-    with engine.begin() as conn:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-        Base.metadata.create_all(conn)
-        # Columns added after a table first shipped; additive only, so no
-        # migration tool is needed yet (Alembic comes with the first change that
-        # is not a plain addition).
-        for table, column, ddl in _ADDED_COLUMNS:
-            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"))
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.begin() as connection:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "workflow_runs" in tables and "alembic_version" not in tables:
+            # Columns the last pre-Alembic versions added by hand, so that the stamp is true.
+            connection.execute(text("ALTER TABLE workflow_runs ADD COLUMN IF NOT EXISTS state JSONB"))
+            command.stamp(config, _FIRST_REVISION)
+        command.upgrade(config, "head")
 
 
 class StepRecord(BaseModel):
-    """One attempt of one step, as recorded."""
+    """One attempt of one execution (step, iteration, item), as recorded."""
 
     model_config = ConfigDict(from_attributes=True, frozen=True)
 
     run_id: str
     step_id: str
+    iteration: int = 1
+    item: int | None = None
     attempt: int
     agent_name: str
     status: str
@@ -170,66 +180,11 @@ class _Repository:
 
 
 class WorkflowRepository(_Repository):
-    """Runs: create, update the status, read and list."""
+    """Runs: read, list, and record a submission refused before it ran.
 
-    def create_run(
-        self,
-        run_id: str,
-        plan: dict[str, Any],
-        input: dict[str, Any],
-        *,
-        status: RunStatus = RunStatus.PENDING,
-        created_at: datetime | None = None,
-    ) -> RunRecord:
-        """Record a new run. An existing run with this id is left as it is.
-
-        Returns:
-            The run as recorded (the existing one, if there was one).
-        """
-        now = created_at or utcnow()
-        values = {
-            "run_id": run_id,
-            "workflow_id": str(plan.get("workflow_id", "")),
-            "workflow_version": str(plan.get("version", "")),
-            "status": str(status),
-            "input": input,
-            "plan": plan,
-            "version": 0,
-            "created_at": now,
-            "updated_at": now,
-        }
-        with self._begin() as session:
-            session.execute(insert(WorkflowRun).values(values).on_conflict_do_nothing(index_elements=["run_id"]))
-            run = session.get_one(WorkflowRun, run_id)
-            return _to_record(run, with_steps=False)
-
-    def update_run_status(
-        self,
-        run_id: str,
-        status: RunStatus,
-        *,
-        output: Any = None,
-        error: Any = None,
-        at: datetime | None = None,
-    ) -> bool:
-        """Set a run's status (and output or error); stamps started/completed times.
-
-        Returns:
-            Whether a run with this id exists.
-        """
-        now = at or utcnow()
-        values: dict[str, Any] = {"status": str(status), "updated_at": now}
-        if output is not None:
-            values["output"] = output
-        if error is not None:
-            values["error"] = error
-        if status is RunStatus.RUNNING:
-            values["started_at"] = now
-        if status.finished:
-            values["completed_at"] = now
-        with self._begin() as session:
-            result = session.execute(update(WorkflowRun).where(WorkflowRun.run_id == run_id).values(values))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+    Runs are written by the checkpointer's snapshot upsert
+    (:func:`upsert_snapshots`), the one write path that checks versions.
+    """
 
     def get_run(self, run_id: str, *, with_steps: bool = True) -> RunRecord | None:
         """A run and (by default) every attempt of its steps, or None."""
@@ -326,89 +281,6 @@ class WorkflowRepository(_Repository):
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-class StepRepository(_Repository):
-    """Attempts of steps: create, update, read by run."""
-
-    def create_step(
-        self,
-        *,
-        run_id: str,
-        step_id: str,
-        attempt: int,
-        agent_name: str,
-        correlation_id: str,
-        input_data: Any = None,
-        status: StepStatus = StepStatus.RUNNING,
-        started_at: datetime | None = None,
-        deadline: datetime | None = None,
-    ) -> StepRecord:
-        """Record an attempt. Creating the same attempt again changes nothing.
-
-        Returns:
-            The attempt as recorded.
-        """
-        values = {
-            "run_id": run_id,
-            "step_id": step_id,
-            "attempt": attempt,
-            "agent_name": agent_name,
-            "correlation_id": correlation_id,
-            "input_data": input_data,
-            "status": str(status),
-            "started_at": started_at or utcnow(),
-            "deadline": deadline,
-        }
-        with self._begin() as session:
-            session.execute(
-                insert(StepExecution)
-                .values(values)
-                .on_conflict_do_nothing(index_elements=["run_id", "step_id", "attempt"])
-            )
-            row = session.scalars(
-                select(StepExecution).where(
-                    StepExecution.run_id == run_id, StepExecution.step_id == step_id, StepExecution.attempt == attempt
-                )
-            ).one()
-            return StepRecord.model_validate(row)
-
-    def update_step(
-        self,
-        correlation_id: str,
-        status: StepStatus,
-        *,
-        output_data: Any = None,
-        error: Any = None,
-        completed_at: datetime | None = None,
-    ) -> bool:
-        """Set an attempt's outcome. Finished statuses stamp ``completed_at``.
-
-        Returns:
-            Whether an attempt with this correlation id exists.
-        """
-        values: dict[str, Any] = {"status": str(status)}
-        if output_data is not None:
-            values["output_data"] = output_data
-        if error is not None:
-            values["error"] = error
-        if status.finished:
-            values["completed_at"] = completed_at or utcnow()
-        with self._begin() as session:
-            result = session.execute(
-                update(StepExecution).where(StepExecution.correlation_id == correlation_id).values(values)
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
-
-    def get_steps_by_run_id(self, run_id: str) -> list[StepRecord]:
-        """Every attempt of every step of a run, in the order they started."""
-        query = (
-            select(StepExecution)
-            .where(StepExecution.run_id == run_id)
-            .order_by(StepExecution.started_at, StepExecution.attempt, StepExecution.id)
-        )
-        with self._begin() as session:
-            return [StepRecord.model_validate(row) for row in session.scalars(query)]
-
-
 def storable(value: Any) -> Any:
     """JSON that PostgreSQL can store: NUL characters become U+FFFD.
 
@@ -426,7 +298,7 @@ def storable(value: Any) -> Any:
 
 
 def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The rows that record a run state: one run row and one row per attempt."""
+    """The rows that record a run state: one run row and one row per attempt of each execution."""
     dump = storable(state.model_dump(mode="json"))
     run_row = {
         "run_id": state.run_id,
@@ -445,12 +317,15 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "updated_at": state.updated_at,
     }
     step_rows = []
-    for step_id, step in state.steps.items():
-        for attempt, attempt_dump in zip(step.attempts, dump["steps"][step_id]["attempts"], strict=True):
+    for key, execution in state.executions.items():
+        dumped = dump["executions"][key]["attempts"]
+        for attempt, attempt_dump in zip(execution.attempts, dumped, strict=True):
             step_rows.append(
                 {
                     "run_id": state.run_id,
-                    "step_id": step_id,
+                    "step_id": execution.step_id,
+                    "iteration": execution.iteration,
+                    "item": execution.item,
                     "attempt": attempt.number,
                     "agent_name": attempt.agent_name,
                     "status": str(attempt.status),
@@ -484,9 +359,11 @@ def _step_upsert(columns: tuple[str, ...]) -> Executable:
     """The upsert of attempt rows with these columns: a newer ``run_version`` wins."""
     steps = cast(Table, StepExecution.__table__)
     statement = insert(steps)
+    # The correlation id names the attempt of one execution (step, iteration, item) of one run.
+    key = {"run_id", "step_id", "iteration", "item", "attempt", "correlation_id"}
     return statement.on_conflict_do_update(
-        index_elements=["run_id", "step_id", "attempt"],
-        set_={k: statement.excluded[k] for k in columns if k not in {"run_id", "step_id", "attempt", "correlation_id"}},
+        index_elements=["correlation_id"],
+        set_={k: statement.excluded[k] for k in columns if k not in key},
         where=steps.c.run_version < statement.excluded.run_version,
     )
 
@@ -516,7 +393,7 @@ def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
         run_row, rows = snapshot_rows(newest[run_id])
         run_rows.append(run_row)
         step_rows.extend(rows)
-    step_rows.sort(key=lambda r: (r["run_id"], r["step_id"], r["attempt"]))
+    step_rows.sort(key=lambda r: r["correlation_id"])
 
     # Core statements on the session's connection: the ORM's bulk insert
     # machinery cost as much CPU as the rest of the executor's step together.

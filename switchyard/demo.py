@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAN = ROOT / "examples" / "workflows" / "research-summarize-review.json"
+PLAN = ROOT / "examples" / "workflows" / "research-write-review.json"
 REGISTRY = ROOT / "examples" / "agents" / "registry.json"
 LOG_LINES = 20
 """How much of a dead process's log the demo shows."""

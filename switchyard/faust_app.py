@@ -1,6 +1,6 @@
 """What both Faust apps share: broker settings, the embedded-broker shim, waiting for services.
 
-On the embedded Tansu broker (DESIGN.md, "The embedded stack"):
+On the embedded Tansu broker (docs/architecture.md, "The embedded stack"):
 
 * Tansu holds every fetch for the full ``fetch_max_wait_ms``, and Faust
   hard-codes 1500 ms for its consumer. :class:`EmbeddedBrokerTransport` builds

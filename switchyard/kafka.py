@@ -2,7 +2,7 @@
 
 Topics are created with the same partition count the workers use, so that a
 producer that comes first does not leave a topic with the broker's default
-count and break co-partitioning (DESIGN.md rule 1).
+count and break co-partitioning (docs/architecture.md rule 1).
 
 :func:`end_offsets` is the one place that knows where a partition ends: on the
 embedded Tansu broker ListOffsets(latest) answers the first offset of the

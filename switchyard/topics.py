@@ -1,7 +1,7 @@
 """Topic names, one place for both apps.
 
 Every topic whose events change a run (plans, results, control) is keyed by
-``run_id`` and has as many partitions as the ``runs`` table (DESIGN.md rule 1).
+``run_id`` and has as many partitions as the ``runs`` table (docs/architecture.md rule 1).
 """
 
 from __future__ import annotations

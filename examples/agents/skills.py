@@ -63,11 +63,21 @@ def research(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The first ``max_words`` (default 25) words of ``text``, after ``title`` if given, and the word count."""
+    """The first ``max_words`` (default 25) words of ``text``, after ``title`` if given, and the word count.
+
+    With ``previous`` (an earlier summary of the same text, as a writer revises
+    a draft), the summary goes ``max_words`` words further than it did.
+    """
     text = _text(data, "text", "summarizer")
     max_words = _whole(data, "max_words", 25, 1, 1000)
     title = data.get("title")
+    previous = data.get("previous")
     words = text.split()
+    if isinstance(previous, str) and previous.strip():
+        already = len(previous.removesuffix(" ...").split())
+        if isinstance(title, str) and title.strip():
+            already -= len(f"{title.strip()}:".split())
+        max_words += max(0, already)
     summary = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
     if isinstance(title, str) and title.strip():
         summary = f"{title.strip()}: {summary}"
@@ -75,14 +85,15 @@ def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def review(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Approve a ``summary`` of three words or more backed by at least one http(s) source in ``sources``."""
+    """Approve a ``summary`` of ``min_words`` words or more (default 3) backed by an http(s) source in ``sources``."""
     summary = _text(data, "summary", "reviewer")
+    min_words = _whole(data, "min_words", 3, 1, 10_000)
     sources = data.get("sources")
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise SkillInputError("the reviewer needs 'sources', a list of strings")
     problems = []
-    if len(summary.split()) < 3:
-        problems.append("the summary is too short")
+    if len(summary.split()) < min_words:
+        problems.append(f"the summary is too short ({len(summary.split())} words, at least {min_words} wanted)")
     if not sources:
         problems.append("no sources are given")
     not_web = [s for s in sources if not s.startswith(("http://", "https://"))]

@@ -69,6 +69,8 @@ AGENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "legacy": ("summarizer", ("--protocol", "0.3")),
     "garbled": ("summarizer", ("--malformed",)),
     "polled": ("summarizer", ("--working", "--slow", "0.3")),
+    "slow1": ("summarizer", ("--slow", "1")),
+    "echo": ("echo", ()),
 }
 
 

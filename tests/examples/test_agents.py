@@ -94,9 +94,25 @@ def test_review() -> None:
     rejected = review({"summary": "too short", "sources": ["ftp://x", "notes.txt"]})
     assert rejected == {
         "approved": False,
-        "comments": "The summary is too short; 2 source(s) are not http(s) urls.",
+        "comments": "The summary is too short (2 words, at least 3 wanted); 2 source(s) are not http(s) urls.",
     }
     assert review({"summary": "long enough summary", "sources": []})["approved"] is False
+
+
+def test_review_with_min_words_and_a_writer_that_revises_until_approved() -> None:
+    text = " ".join(f"w{i}" for i in range(40))
+    drafts = []
+    previous = None
+    for _ in range(3):
+        draft = summarize({"text": text, "max_words": 10, "title": "T", **({"previous": previous} if previous else {})})
+        drafts.append(len(draft["summary"].removesuffix(" ...").split()) - 1)
+        verdict = review({"summary": draft["summary"], "sources": ["https://x"], "min_words": 25})
+        previous = draft["summary"]
+        if verdict["approved"]:
+            break
+        assert "at least 25 wanted" in verdict["comments"]
+    assert drafts == [10, 20, 30]
+    assert verdict["approved"] is True
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 The bridge's memory of calls dies with it, so the calls in flight are made
 again when the tasks are delivered to the new bridge: at-least-once, with the
-same idempotency key (DESIGN.md, "Recovery: what heals what"). Nothing else
+same idempotency key (docs/architecture.md, "Recovery: what heals what"). Nothing else
 may be called twice, and the executor takes one result per attempt.
 """
 

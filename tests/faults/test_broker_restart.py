@@ -3,7 +3,7 @@
 The workers come back with RocksDB folders from the old broker: they must not
 crash-loop on them, and the runs PostgreSQL shows RUNNING are rebuilt from
 their checkpoints and finish; steps the checkpoints show COMPLETED are not run
-again (DESIGN.md, "Recovery: what heals what").
+again (docs/architecture.md, "Recovery: what heals what").
 """
 
 from __future__ import annotations

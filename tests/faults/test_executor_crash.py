@@ -3,7 +3,7 @@
 Each scenario has 20 runs in flight when the executor dies. The bridge lives
 through all of them, so the agents must see exactly one call per attempt
 recorded: after the restart an attempt in flight is dispatched again with the
-same correlation id and the bridge answers it from memory (DESIGN.md,
+same correlation id and the bridge answers it from memory (docs/architecture.md,
 "Recovery: what heals what").
 """
 

@@ -1,5 +1,5 @@
 """Poison input through the real topics: every bad message reaches the dead-letter topic with its reason,
-runs that cannot start are recorded as FAILED, and the workers go on serving (DESIGN.md rule 4).
+runs that cannot start are recorded as FAILED, and the workers go on serving (docs/architecture.md rule 4).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from models.run import (
     DeadLetter,
     Effect,
     Event,
+    Execution,
     ExecutionDefaults,
     RunState,
     RunSubmitted,
@@ -102,6 +103,24 @@ def submitted(
     )
 
 
+def current_step(state: RunState) -> str | None:
+    """The step a chain run is at: that of its latest execution, else the step that ended the run last."""
+    latest = latest_execution(state)
+    return latest.step_id if latest is not None else state.last_step
+
+
+def latest_execution(state: RunState) -> Execution | None:
+    """The execution started last, if any."""
+    return next(reversed(state.executions.values()), None)
+
+
+def execution_of(state: RunState, step_id: str, iteration: int | None = None, item: int | None = None) -> Execution:
+    """The step's execution (of its current iteration unless one is given); asserts there is one."""
+    found = state.execution(step_id, iteration, item)
+    assert found is not None, f"no execution of {step_id!r}"
+    return found
+
+
 def start(plan: WorkflowPlan, **kwargs: Any) -> RunState:
     """A freshly submitted run (asserts it was created)."""
     state, _ = transition(None, submitted(plan, **kwargs))
@@ -124,10 +143,10 @@ def result(
 
     A success without an ``output`` carries ``{"summary": "out-<step>"}``, which the next step reads.
     """
-    step_id = step_id if step_id is not None else state.current_step
+    step_id = step_id if step_id is not None else current_step(state)
     assert step_id is not None
-    step = state.steps.get(step_id)
-    current = step.current if step is not None else None
+    execution = state.execution(step_id)
+    current = execution.current if execution is not None else None
     number = attempt if attempt is not None else (current.number if current is not None else 1)
     if correlation is None:
         correlation = f"{state.run_id}/{step_id}/{number}"

@@ -145,6 +145,12 @@ MESSAGES = [
         update(timestamp=datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))), id="update-offset"
     ),
     pytest.param(task(input={"text": 'héllo \u2603 "quoted" \n newline'}), id="task-unicode"),
+    pytest.param(
+        task(iteration=3, item=17, correlation_id=correlation_id("run-1", "research", 1, 3, 17)),
+        id="task-in-a-loop-map",
+    ),
+    pytest.param(result(iteration=2, correlation_id=correlation_id("run-1", "research", 2, 2)), id="result-in-a-loop"),
+    pytest.param(update(iteration=1, item=0), id="update-of-an-item"),
 ]
 
 
@@ -185,6 +191,35 @@ def test_missing_schema_version_defaults_to_one():
     del data["schema_version"]
 
     assert decode(MonitoringUpdate, data) == update()
+
+
+@pytest.mark.parametrize("message", [task(), result(), failure()], ids=["task", "result", "failure"])
+def test_a_message_without_iteration_and_item_is_of_a_plain_step(message):
+    # Messages written before plans had loops and maps carry neither field.
+    data = _without(message, "iteration", "item")
+
+    decoded = decode(type(message), data)
+
+    assert (decoded.iteration, decoded.item) == (1, None)
+    assert decoded == message
+
+
+def test_monitoring_update_without_iteration_and_item_names_none():
+    decoded = decode(MonitoringUpdate, _without(update(), "iteration", "item"))
+
+    assert (decoded.iteration, decoded.item) == (None, None)
+    assert decoded == update()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("iteration", 0), ("iteration", 1001), ("item", -1)],
+    ids=["iteration-0", "iteration-1001", "item-negative"],
+)
+def test_iteration_and_item_are_bounded(field, value):
+    for message in (task(), result()):
+        error = decode_error(type(message), _with(message, **{field: value}))
+        assert field in str(error)
 
 
 def test_messages_are_frozen():
@@ -475,6 +510,13 @@ def test_correlation_id_is_deterministic():
     assert correlation_id("run-1", "research", 2) == "run-1/research/2"
 
 
+def test_correlation_id_of_a_plain_step_is_unchanged_by_loops_and_maps():
+    assert correlation_id("run-1", "research", 2, 1, None) == "run-1/research/2"
+    assert correlation_id("run-1", "research", 1, 3) == "run-1/research@3/1"
+    assert correlation_id("run-1", "research", 1, 1, 17) == "run-1/research@1[17]/1"
+    assert correlation_id("run-1", "research", 1, 1, 0) != correlation_id("run-1", "research", 1)
+
+
 @pytest.mark.parametrize(
     "other",
     [("run-2", "research", 1), ("run-1", "write", 1), ("run-1", "research", 2), ("run-1", "research", 11)],
@@ -491,6 +533,17 @@ _triples = st.tuples(_run_ids, _step_ids, st.integers(1, 10_000))
 @settings(max_examples=300, deadline=None)
 @given(first=_triples, second=_triples)
 def test_correlation_id_is_injective(first, second):
+    assert (correlation_id(*first) == correlation_id(*second)) == (first == second)
+
+
+_executions = st.tuples(
+    _run_ids, _step_ids, st.integers(1, 10_000), st.integers(1, 1000), st.none() | st.integers(0, 999)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=_executions, second=_executions)
+def test_correlation_id_is_injective_over_iterations_and_items(first, second):
     assert (correlation_id(*first) == correlation_id(*second)) == (first == second)
 
 

@@ -311,8 +311,8 @@ def test_two_separate_cycles_are_both_reported():
 
     problems = as_pairs(problems_of(data))
 
-    assert ("$.steps.b.next_step", "steps form a cycle: a -> b -> a") in problems
-    assert ("$.steps.d.next_step", "steps form a cycle: c -> d -> c") in problems
+    assert any(p == "$.steps.b.next_step" and r.startswith("steps form a cycle: a -> b -> a") for p, r in problems)
+    assert any(p == "$.steps.d.next_step" and r.startswith("steps form a cycle: c -> d -> c") for p, r in problems)
     assert sum("cycle" in reason for _, reason in problems) == 2
 
 

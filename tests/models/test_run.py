@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
 from pydantic import JsonValue
 
-from models.messages import AgentError
+from models.messages import AgentError, submission_fingerprint
 from models.plan import RetryPolicy
 from models.run import (
     CancelAgentTask,
@@ -39,6 +41,8 @@ from tests.models.run_builders import (
     assert_changed,
     assert_unchanged,
     at,
+    current_step,
+    execution_of,
     failure,
     make_plan,
     of_type,
@@ -153,9 +157,11 @@ def test_submission_starts_the_first_step():
     assert state.version == 1
     assert state.created_at == T0
     assert state.started_at == T0
-    assert state.current_step == "s1"
+    assert current_step(state) == "s1"
     assert list(state.steps) == ["s1"]
-    first = state.steps["s1"]
+    assert state.steps["s1"].status is StepStatus.RUNNING
+    assert list(state.executions) == ["s1@1"]
+    first = execution_of(state, "s1")
     assert first.status is StepStatus.RUNNING
     assert first.started_at == T0
     attempt = first.current
@@ -190,7 +196,7 @@ def test_happy_path_maps_inputs_and_completes_once(n_steps: int):
 
     for index, step_id in enumerate(ids):
         assert state.status is RunStatus.RUNNING
-        assert state.current_step == step_id
+        assert current_step(state) == step_id
         (dispatch,) = of_type(effects, DispatchTask)
         task = dispatch.task
         assert dispatch.not_before is None
@@ -283,7 +289,7 @@ def test_duplicate_failure_does_not_use_another_attempt():
     after, _ = changed(state, event)
     again, effects = transition(after, event)
     assert_unchanged(after, again, effects)
-    assert [a.number for a in after.steps["s1"].attempts] == [1, 2]
+    assert [a.number for a in execution_of(after, "s1").attempts] == [1, 2]
 
 
 def _stale_results() -> dict[str, Callable[[], tuple[RunState, Event]]]:
@@ -370,8 +376,9 @@ def test_timeout_before_the_deadline_changes_nothing():
 @pytest.mark.parametrize("scenario", ["completed", "failed", "cancelled", "invalid_plan"])
 def test_timeout_of_a_finished_run_changes_nothing(scenario: str):
     state = SCENARIOS[scenario]()
-    step_id = state.current_step or "s1"
-    current = state.steps[step_id].current if step_id in state.steps else None
+    step_id = current_step(state) or "s1"
+    execution = state.execution(step_id)
+    current = execution.current if execution is not None else None
     number = current.number if current is not None else 1
     new, effects = transition(state, timed_out(step_id, number, at(10_000)))
     assert_unchanged(state, new, effects)
@@ -456,7 +463,8 @@ def test_retriable_failure_schedules_a_delayed_attempt():
     due = failed_at + secs(delay)
     assert new.status is RunStatus.RUNNING
     assert new.error is None
-    s1 = new.steps["s1"]
+    assert new.steps["s1"].status is StepStatus.RUNNING
+    s1 = execution_of(new, "s1")
     assert s1.status is StepStatus.RUNNING
     assert s1.next_attempt_at == due
     assert [a.number for a in s1.attempts] == [1, 2]
@@ -488,7 +496,7 @@ def test_result_of_a_delayed_retry_is_applied():
     # The retried attempt is PENDING until its dispatch time; its result, which
     # arrives after the bridge sent it, must still complete the step.
     state = delayed_retry()
-    second = state.steps["s1"].current
+    second = execution_of(state, "s1").current
     assert second is not None
     assert second.status is StepStatus.PENDING
     when = second.dispatch_at + secs(3)
@@ -496,24 +504,24 @@ def test_result_of_a_delayed_retry_is_applied():
     assert_changed(state, new, effects)
     assert new.steps["s1"].status is StepStatus.COMPLETED
     assert new.steps["s1"].output == {"summary": "finally"}
-    assert new.current_step == "s2"
+    assert current_step(new) == "s2"
 
 
 def test_timeouts_use_up_attempts_with_growing_backoff():
     state = running(2, DELAYED)  # 10 s, then 20 s, no jitter
     # attempt 1 times out at its deadline
     state, effects = changed(state, timed_out("s1", 1, at(30)))
-    second = state.steps["s1"].attempts[1]
+    second = execution_of(state, "s1").attempts[1]
     assert second.number == 2
     assert second.dispatch_at == at(30 + 10)
     assert of_type(effects, DispatchTask)[0].not_before == at(40)
     # attempt 2 (still PENDING: its call was never answered) times out too
     state, effects = changed(state, timed_out("s1", 2, second.deadline))
-    third = state.steps["s1"].attempts[2]
+    third = execution_of(state, "s1").attempts[2]
     assert third.number == 3
     assert third.correlation_id == f"{RUN_ID}/s1/3"
     assert third.dispatch_at == second.deadline + secs(20)
-    assert state.steps["s1"].next_attempt_at == third.dispatch_at
+    assert execution_of(state, "s1").next_attempt_at == third.dispatch_at
     # attempt 3 was the last one
     state, effects = changed(state, timed_out("s1", 3, third.deadline + secs(1)))
     assert state.status is RunStatus.FAILED
@@ -521,8 +529,8 @@ def test_timeouts_use_up_attempts_with_growing_backoff():
     assert state.error.kind == "timeout"
     assert state.error.step_id == "s1"
     assert state.error.attempt == 3
-    assert [a.status for a in state.steps["s1"].attempts] == [StepStatus.FAILED] * 3
-    assert state.steps["s1"].next_attempt_at is None
+    assert [a.status for a in execution_of(state, "s1").attempts] == [StepStatus.FAILED] * 3
+    assert execution_of(state, "s1").next_attempt_at is None
     assert len(of_type(effects, RunFinished)) == 1
     assert not of_type(effects, DispatchTask)
 
@@ -544,7 +552,8 @@ def test_non_retriable_failure_fails_the_run(retriable: bool, kind: str, non_ret
     assert error.kind == kind
     assert error.attempt == 1
     assert "the agent said no" in error.message
-    s1 = new.steps["s1"]
+    assert new.steps["s1"].status is StepStatus.FAILED
+    s1 = execution_of(new, "s1")
     assert s1.status is StepStatus.FAILED
     assert len(s1.attempts) == 1
     assert s1.next_attempt_at is None
@@ -559,7 +568,7 @@ def test_last_attempt_failing_fails_the_run():
     state, _ = changed(state, result(state, at(1)))
     all_effects: list[Effect] = []
     for attempt in (1, 2, 3):
-        current = state.steps["s2"].current
+        current = execution_of(state, "s2").current
         assert current is not None
         assert current.number == attempt
         assert current.status is StepStatus.RUNNING  # no delay: dispatched at once
@@ -598,7 +607,7 @@ def test_timeout_at_or_after_deadline_is_a_retriable_timeout(late_by: float):
     assert of_type(effects, CancelAgentTask) == [
         CancelAgentTask(run_id=RUN_ID, step_id="s1", attempt=1, correlation_id=f"{RUN_ID}/s1/1", agent_name="agent-s1")
     ]
-    first, second = new.steps["s1"].attempts
+    first, second = execution_of(new, "s1").attempts
     assert first.status is StepStatus.FAILED
     assert first.error is not None
     assert first.error.kind == "timeout"
@@ -625,7 +634,7 @@ def test_timeout_listed_as_non_retriable_fails_at_once():
     assert new.status is RunStatus.FAILED
     assert new.error is not None
     assert new.error.kind == "timeout"
-    assert len(new.steps["s1"].attempts) == 1
+    assert len(execution_of(new, "s1").attempts) == 1
 
 
 # -------------------------------------------------------------- mapping error
@@ -640,7 +649,8 @@ def test_mapping_error_in_first_step_fails_the_run():
     assert error.step_id == "s1"
     assert "s1" in error.message
     assert "missing" in error.message
-    s1 = state.steps["s1"]
+    assert state.steps["s1"].status is StepStatus.FAILED
+    s1 = execution_of(state, "s1")
     assert s1.status is StepStatus.FAILED
     assert s1.error is not None
     assert s1.error.kind == "mapping_error"
@@ -713,12 +723,15 @@ def test_cancel_stops_the_running_attempt():
     state = running(2)
     state, _ = changed(state, result(state, at(1)))
     s1_before = state.steps["s1"]
+    s1_execution_before = execution_of(state, "s1")
     new, effects = changed(state, cancel(at(3), reason="user changed their mind"))
 
     assert new.status is RunStatus.CANCELLED
     assert new.completed_at == at(3)
     assert new.steps["s1"] == s1_before
-    s2 = new.steps["s2"]
+    assert execution_of(new, "s1") == s1_execution_before
+    assert new.steps["s2"].status is StepStatus.CANCELLED
+    s2 = execution_of(new, "s2")
     assert s2.status is StepStatus.CANCELLED
     assert s2.current is not None
     assert s2.current.status is StepStatus.CANCELLED
@@ -728,6 +741,7 @@ def test_cancel_stops_the_running_attempt():
     assert new.error is not None
     assert new.error.kind == "cancelled"
     assert new.error.message == "user changed their mind"
+    assert new.error.step_id == "s2"
     (finished,) = of_type(effects, RunFinished)
     assert finished.status is RunStatus.CANCELLED
 
@@ -745,11 +759,14 @@ def test_cancel_stops_the_running_attempt():
 def test_cancel_during_a_delayed_retry_drops_the_retry():
     state = delayed_retry()
     new, effects = changed(state, cancel(at(6)))
-    s1 = new.steps["s1"]
+    assert new.steps["s1"].status is StepStatus.CANCELLED
+    s1 = execution_of(new, "s1")
     assert new.status is RunStatus.CANCELLED
     assert s1.status is StepStatus.CANCELLED
     assert s1.next_attempt_at is None
     assert [a.status for a in s1.attempts] == [StepStatus.FAILED, StepStatus.CANCELLED]
+    assert new.error is not None
+    assert new.error.step_id == "s1"
     assert not of_type(effects, DispatchTask)
     assert resume(new, at(7)) == []
 
@@ -757,7 +774,7 @@ def test_cancel_during_a_delayed_retry_drops_the_retry():
 def test_cancel_after_a_delayed_retry_was_due_stops_that_attempt():
     # Once its dispatch time has passed the delayed attempt may be running at the agent.
     state = delayed_retry()
-    second = state.steps["s1"].current
+    second = execution_of(state, "s1").current
     assert second is not None
     new, effects = changed(state, cancel(second.dispatch_at + secs(1)))
     assert new.status is RunStatus.CANCELLED
@@ -779,13 +796,15 @@ def test_retry_reopens_the_failed_step_with_a_new_round():
     assert new.error is None
     assert new.output is None
     assert new.completed_at is None
-    assert new.current_step == "s2"
+    assert current_step(new) == "s2"
     assert new.steps["s1"] == failed.steps["s1"]
-    s2 = new.steps["s2"]
+    assert execution_of(new, "s1") == execution_of(failed, "s1")
+    assert new.steps["s2"].status is StepStatus.RUNNING
+    s2 = execution_of(new, "s2")
     assert s2.status is StepStatus.RUNNING
     assert s2.error is None
     assert [a.number for a in s2.attempts] == [1, 2, 3, 4]
-    assert s2.attempts[:3] == failed.steps["s2"].attempts
+    assert s2.attempts[:3] == execution_of(failed, "s2").attempts
     fourth = s2.attempts[3]
     assert fourth.status is StepStatus.RUNNING
     assert fourth.correlation_id == f"{RUN_ID}/s2/4"
@@ -815,7 +834,7 @@ def test_retry_gives_a_fresh_budget_of_attempts():
     assert state.error.attempt == 6
     assert "sixth" in state.error.message
     assert len(of_type(effects, RunFinished)) == 1
-    assert len(state.steps["s2"].attempts) == 6
+    assert len(execution_of(state, "s2").attempts) == 6
 
 
 def test_retried_run_can_complete():
@@ -825,8 +844,8 @@ def test_retried_run_can_complete():
     assert state.status is RunStatus.COMPLETED
     assert state.output == "three"
     assert of_type(effects, RunFinished) == [RunFinished(run_id=RUN_ID, status=RunStatus.COMPLETED, output="three")]
-    assert state.steps["s2"].attempts[-1].number == 4
-    assert state.steps["s2"].attempts[-1].status is StepStatus.COMPLETED
+    assert execution_of(state, "s2").attempts[-1].number == 4
+    assert execution_of(state, "s2").attempts[-1].status is StepStatus.COMPLETED
 
 
 def test_retry_after_timeouts_continues_numbering():
@@ -834,7 +853,7 @@ def test_retry_after_timeouts_continues_numbering():
     state, _ = changed(state, timed_out("s1", 1, at(30)))
     assert state.status is RunStatus.FAILED
     state, effects = changed(state, retry(at(40)))
-    assert state.steps["s1"].first_attempt_of_round == 2
+    assert execution_of(state, "s1").first_attempt_of_round == 2
     assert of_type(effects, DispatchTask)[0].task.correlation_id == f"{RUN_ID}/s1/2"
     assert of_type(effects, ScheduleTimeout)[0].at == at(70)
 
@@ -857,7 +876,7 @@ def test_resume_redispatches_the_attempt_in_flight():
 
 def test_resume_keeps_the_time_of_a_delayed_retry():
     state = delayed_retry()
-    second = state.steps["s1"].current
+    second = execution_of(state, "s1").current
     assert second is not None
     due = second.dispatch_at
     assert due == at(15)
@@ -915,8 +934,8 @@ def test_failure_result_keeps_the_agent_error():
     state = running(2, RetryPolicy(max_attempts=1))
     error = AgentError(kind="http_status", message="HTTP 503 from agent", retriable=True)
     new, _ = changed(state, result(state, at(1), ok=False, error=error))
-    assert new.steps["s1"].attempts[0].error == error
-    assert new.steps["s1"].error == error
+    assert execution_of(new, "s1").attempts[0].error == error
+    assert execution_of(new, "s1").error == error
     assert new.error is not None
     assert new.error.kind == "http_status"
     assert "HTTP 503 from agent" in new.error.message
@@ -934,3 +953,177 @@ def test_awaits_is_true_only_for_the_latest_unfinished_attempt_of_a_running_run(
 
     cancelled, _ = step(after_result, cancel(at(6)))
     assert not cancelled.awaits("s2", 1), "the run is no longer running"
+
+
+# ------------------------------------------------- states of the chain model
+
+
+def iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def chain_shaped_state(*, failed: bool = False) -> dict[str, Any]:
+    """A run stored before plans had branches: s1 done, s2's attempt 1 in flight (or failed, the run with it).
+
+    The old form: the attempts inside their steps, ``current_step``, no
+    ``executions`` and no ``last_step``.
+    """
+    plan = make_plan(2, timeout_s=30)
+    s2_error = {"kind": "agent_failed", "message": "agent exploded", "retriable": False}
+    s2_attempt: dict[str, Any] = {
+        "number": 1,
+        "correlation_id": f"{RUN_ID}/s2/1",
+        "agent_name": "agent-s2",
+        "status": "FAILED" if failed else "RUNNING",
+        "input": {"previous": "first", "topic": "hello"},
+        "dispatch_at": iso(at(1)),
+        "deadline": iso(at(31)),
+        "finished_at": iso(at(2)) if failed else None,
+        "output": None,
+        "error": s2_error if failed else None,
+    }
+    return {
+        "run_id": RUN_ID,
+        "status": "FAILED" if failed else "RUNNING",
+        "plan": json.loads(plan.model_dump_json(exclude_defaults=True)),
+        "input": dict(INPUT),
+        "fingerprint": submission_fingerprint(plan, dict(INPUT)),
+        "steps": {
+            "s1": {
+                "step_id": "s1",
+                "agent_name": "agent-s1",
+                "status": "COMPLETED",
+                "attempts": [
+                    {
+                        "number": 1,
+                        "correlation_id": f"{RUN_ID}/s1/1",
+                        "agent_name": "agent-s1",
+                        "status": "COMPLETED",
+                        "input": {"text": "hello"},
+                        "dispatch_at": iso(T0),
+                        "deadline": iso(at(30)),
+                        "finished_at": iso(at(1)),
+                        "output": {"summary": "first"},
+                        "error": None,
+                    }
+                ],
+                "first_attempt_of_round": 1,
+                "fallback_agent": None,
+                "next_attempt_at": None,
+                "output": {"summary": "first"},
+                "error": None,
+                "started_at": iso(T0),
+                "completed_at": iso(at(1)),
+            },
+            "s2": {
+                "step_id": "s2",
+                "agent_name": "agent-s2",
+                "status": "FAILED" if failed else "RUNNING",
+                "attempts": [s2_attempt],
+                "first_attempt_of_round": 1,
+                "fallback_agent": None,
+                "next_attempt_at": None,
+                "output": None,
+                "error": s2_error if failed else None,
+                "started_at": iso(at(1)),
+                "completed_at": iso(at(2)) if failed else None,
+            },
+        },
+        "current_step": "s2",
+        "output": None,
+        "error": (
+            {
+                "kind": "agent_failed",
+                "message": "step 's2' failed (not retriable): agent exploded",
+                "step_id": "s2",
+                "attempt": 1,
+            }
+            if failed
+            else None
+        ),
+        "created_at": iso(T0),
+        "started_at": iso(T0),
+        "completed_at": iso(at(2)) if failed else None,
+        "updated_at": iso(at(2)) if failed else iso(at(1)),
+        "version": 3,
+    }
+
+
+def test_a_stored_chain_shaped_state_loads_and_goes_on():
+    loaded = RunState.model_validate_json(json.dumps(chain_shaped_state()))
+
+    assert loaded.status is RunStatus.RUNNING
+    assert loaded.version == 3
+    assert list(loaded.steps) == ["s1", "s2"]
+    assert list(loaded.executions) == ["s1@1", "s2@1"]
+    s1 = loaded.steps["s1"]
+    assert (s1.status, s1.iteration, s1.has_output, s1.output) == (
+        StepStatus.COMPLETED,
+        1,
+        True,
+        {"summary": "first"},
+    )
+    assert loaded.steps["s2"].status is StepStatus.RUNNING
+    assert not loaded.steps["s2"].has_output
+    assert [a.status for a in execution_of(loaded, "s1").attempts] == [StepStatus.COMPLETED]
+    s2 = execution_of(loaded, "s2")
+    assert (s2.step_id, s2.iteration, s2.item, s2.agent_name) == ("s2", 1, None, "agent-s2")
+    assert s2.status is StepStatus.RUNNING
+    assert s2.current is not None
+    assert s2.current.correlation_id == f"{RUN_ID}/s2/1"
+    assert loaded.awaits("s2", 1)
+    assert current_step(loaded) == "s2"
+    # Stored again, it is in today's form and reads back the same.
+    dumped = json.loads(loaded.model_dump_json())
+    assert "current_step" not in dumped
+    assert RunState.model_validate(dumped) == loaded
+
+    # After a restart the attempt in flight is sent again, with its id, input and deadline.
+    resumed = resume(loaded, at(5))
+    assert [type(e) for e in resumed] == [DispatchTask, ScheduleTimeout]
+    dispatch = resumed[0]
+    assert isinstance(dispatch, DispatchTask)
+    task = dispatch.task
+    assert (task.step_id, task.attempt, task.iteration, task.item) == ("s2", 1, 1, None)
+    assert task.correlation_id == f"{RUN_ID}/s2/1"
+    assert task.input == {"previous": "first", "topic": "hello"}
+    assert task.deadline == at(31)
+    assert resumed[1] == ScheduleTimeout(run_id=RUN_ID, step_id="s2", attempt=1, at=at(31))
+
+    # The result of that attempt completes the run with its output.
+    new, effects = changed(loaded, result(loaded, at(6), output={"summary": "second"}))
+    assert new.status is RunStatus.COMPLETED
+    assert new.output == {"summary": "second"}
+    assert new.last_step == "s2"
+    assert new.steps["s2"].status is StepStatus.COMPLETED
+    assert execution_of(new, "s2").status is StepStatus.COMPLETED
+    assert execution_of(new, "s1") == execution_of(loaded, "s1")
+    assert not of_type(effects, DispatchTask)
+    assert of_type(effects, RunFinished) == [
+        RunFinished(run_id=RUN_ID, status=RunStatus.COMPLETED, output={"summary": "second"})
+    ]
+    # A late copy of the same result changes nothing.
+    again, more = transition(new, result(loaded, at(7), output={"summary": "second"}))
+    assert_unchanged(new, again, more)
+
+
+def test_a_stored_chain_shaped_failed_state_can_be_retried():
+    loaded = RunState.model_validate(chain_shaped_state(failed=True))
+    assert loaded.status is RunStatus.FAILED
+    assert loaded.last_step == "s2"
+    assert loaded.steps["s2"].status is StepStatus.FAILED
+    assert execution_of(loaded, "s2").status is StepStatus.FAILED
+    assert resume(loaded, at(5)) == []
+
+    new, effects = changed(loaded, retry(at(10)))
+    assert new.status is RunStatus.RUNNING
+    s2 = execution_of(new, "s2")
+    assert [a.number for a in s2.attempts] == [1, 2]
+    assert s2.first_attempt_of_round == 2
+    (dispatch,) = of_type(effects, DispatchTask)
+    assert dispatch.task.correlation_id == f"{RUN_ID}/s2/2"
+    assert dispatch.task.input == {"previous": "first", "topic": "hello"}, "s1's stored output is read"
+
+    done, effects = changed(new, result(new, at(11), output="fine now"))
+    assert done.status is RunStatus.COMPLETED
+    assert done.output == "fine now"

@@ -29,6 +29,7 @@ from models.run import (
     DeadLetter,
     DispatchTask,
     Effect,
+    Execution,
     ExecutionDefaults,
     PublishMonitoring,
     RetryRequested,
@@ -44,7 +45,18 @@ from models.run import (
     fail_unreadable,
     transition,
 )
-from tests.models.run_builders import RUN_ID, at, failure, make_plan, of_type, result, step, submitted
+from tests.models.run_builders import (
+    RUN_ID,
+    at,
+    current_step,
+    execution_of,
+    failure,
+    make_plan,
+    of_type,
+    result,
+    step,
+    submitted,
+)
 
 LIMIT = 16_384  # the least SWITCHYARD_MAX_MESSAGE_BYTES allows
 DELAYED = RetryPolicy(max_attempts=3, initial_delay_s=10.0, multiplier=2.0, jitter=0.0)
@@ -105,15 +117,20 @@ def assert_failed_too_large(
     assert checkpoint == Checkpoint(state=reduced)
     assert len(of_type(effects, Checkpoint)) == 1
     # An open step of ``after`` fails with the run (when the history is kept at all).
-    current = after.current_step
+    current = current_step(after)
     if current is not None and current in reduced.steps and not after.steps[current].status.finished:
         failed_step = reduced.steps[current]
         assert failed_step.status is StepStatus.FAILED
         assert failed_step.error is not None
         assert failed_step.error.kind == ErrorKind.STATE_TOO_LARGE
         assert not failed_step.error.retriable
-        assert failed_step.next_attempt_at is None
-        last = failed_step.current
+        failed_execution = execution_of(reduced, current)
+        assert failed_execution.status is StepStatus.FAILED
+        assert failed_execution.error is not None
+        assert failed_execution.error.kind == ErrorKind.STATE_TOO_LARGE
+        assert not failed_execution.error.retriable
+        assert failed_execution.next_attempt_at is None
+        last = failed_execution.current
         assert last is not None
         assert last.status is StepStatus.FAILED
 
@@ -167,19 +184,23 @@ def test_large_values_are_replaced_by_notes_and_small_ones_are_kept() -> None:
     _, reduced, _ = too_large(before, after, when=at(1))
     # Small values: as they were.
     assert reduced.input == {"text": "hello"}
-    s1 = reduced.steps["s1"]
+    s1 = execution_of(reduced, "s1")
     assert s1.attempts[0].input == {"text": "hello"}
     # Large ones: a note of their size and hash.
+    assert reduced.steps["s1"].output == note_for(big)
     assert s1.output == note_for(big)
     assert s1.attempts[0].output == note_for(big)
-    s2_input = after.steps["s2"].attempts[0].input
+    s2_input = execution_of(after, "s2").attempts[0].input
     assert len(compact(s2_input)) > 1024
-    assert reduced.steps["s2"].attempts[0].input == note_for(s2_input)
+    assert execution_of(reduced, "s2").attempts[0].input == note_for(s2_input)
     # The history stays: both steps, the completed one completed, the open one failed.
     assert list(reduced.steps) == ["s1", "s2"]
+    assert list(reduced.executions) == ["s1@1", "s2@1"]
+    assert reduced.steps["s1"].status is StepStatus.COMPLETED
     assert s1.status is StepStatus.COMPLETED
     assert reduced.steps["s2"].status is StepStatus.FAILED
-    assert reduced.steps["s2"].attempts[0].status is StepStatus.FAILED
+    assert execution_of(reduced, "s2").status is StepStatus.FAILED
+    assert execution_of(reduced, "s2").attempts[0].status is StepStatus.FAILED
     assert reduced.plan == after.plan
 
 
@@ -190,6 +211,7 @@ def test_the_note_of_a_non_ascii_output_counts_its_utf8_bytes() -> None:
     _, reduced, _ = too_large(before, after, when=at(1))
     note = reduced.steps["s1"].output
     assert note == note_for(big)
+    assert execution_of(reduced, "s1").output == note
     assert isinstance(note, dict)
     assert isinstance(note["dropped"], dict)
     assert note["dropped"]["bytes"] == len(json.dumps(big, ensure_ascii=False, separators=(",", ":")).encode())
@@ -201,7 +223,7 @@ def test_a_big_run_input_is_dropped_from_a_new_run() -> None:
     size, reduced, effects = too_large(None, after, when=at(0))
     assert_failed_too_large(None, after, reduced, effects, size, LIMIT)
     assert reduced.input == note_for(run_input)
-    assert reduced.steps["s1"].attempts[0].input == note_for({"text": "y" * 40_000})
+    assert execution_of(reduced, "s1").attempts[0].input == note_for({"text": "y" * 40_000})
     assert reduced.version == after.version + 1
     assert not of_type(effects, CancelAgentTask)  # nothing was in flight before
 
@@ -230,15 +252,24 @@ def test_a_stored_state_already_too_large_cancels_its_dispatched_attempt() -> No
     assert reduced.version == stored.version + 1
     assert [c.correlation_id for c in of_type(effects, CancelAgentTask)] == [f"{RUN_ID}/s1/1"]
     assert reduced.steps["s1"].status is StepStatus.FAILED
-    assert reduced.steps["s1"].attempts[0].status is StepStatus.FAILED
-    assert reduced.steps["s1"].attempts[0].finished_at == at(5)
+    assert execution_of(reduced, "s1").attempts[0].status is StepStatus.FAILED
+    assert execution_of(reduced, "s1").attempts[0].finished_at == at(5)
+
+
+def test_the_error_of_a_stored_state_already_too_large_names_the_step_in_flight() -> None:
+    stored = started(run_input={"text": "y" * 40_000})
+    _, reduced, effects = too_large(stored, stored, when=at(5))
+    assert reduced.error is not None
+    assert reduced.error.step_id == "s1"
+    (monitoring,) = of_type(effects, PublishMonitoring)
+    assert monitoring.update.detail["step_id"] == "s1"
 
 
 def delayed_retry_run(run_input: dict[str, JsonValue] | None = None) -> RunState:
     """s1's first attempt failed; its second waits until at(11) (PENDING)."""
     state = started(make_plan(2, retry=DELAYED), run_input=run_input)
     state, _ = step(state, failure(state, at(1)))
-    current = state.steps["s1"].current
+    current = execution_of(state, "s1").current
     assert current is not None
     assert current.status is StepStatus.PENDING
     assert current.dispatch_at == at(11)
@@ -250,7 +281,8 @@ def test_a_delayed_attempt_not_yet_sent_is_not_cancelled() -> None:
     size, reduced, effects = too_large(stored, stored, when=at(5))
     assert_failed_too_large(stored, stored, reduced, effects, size, LIMIT)
     assert not of_type(effects, CancelAgentTask)
-    s1 = reduced.steps["s1"]
+    assert reduced.steps["s1"].status is StepStatus.FAILED
+    s1 = execution_of(reduced, "s1")
     assert s1.status is StepStatus.FAILED
     assert [a.status for a in s1.attempts] == [StepStatus.FAILED, StepStatus.FAILED]
     assert s1.next_attempt_at is None
@@ -310,7 +342,7 @@ def test_a_reduced_run_cannot_be_retried() -> None:
     before = started()
     after, _ = step(before, result(before, at(1), output={"summary": "x" * 30_000}))
     _, reduced, _ = too_large(before, after, when=at(1))
-    assert reduced.current_step is not None
+    assert current_step(reduced) is not None
     new, effects = transition(reduced, RetryRequested(run_id=RUN_ID, at=at(2)))
     assert new is reduced
     assert len(effects) == 1
@@ -439,17 +471,21 @@ def test_any_oversize_run_is_failed_and_stored_reduced_within_the_limit(
     # A cancel exactly when an attempt was in flight before (sent: dispatch_at <= at) and is still
     # waited for after the event (not the attempt whose result this is).
     expected_cancels = []
-    if before is not None and before.status is RunStatus.RUNNING and before.current_step is not None:
-        current = before.steps[before.current_step].current
-        later = after.steps.get(before.current_step)
+    before_step = current_step(before) if before is not None else None
+    if before is not None and before.status is RunStatus.RUNNING and before_step is not None:
+        current = execution_of(before, before_step).current
+        later = after.execution(before_step)
         still = later is not None and later.current is not None and not later.current.status.finished
         if current is not None and not current.status.finished and current.dispatch_at <= when and still:
             expected_cancels = [current.correlation_id]
     assert [c.correlation_id for c in of_type(effects, CancelAgentTask)] == expected_cancels
     # Every value still there is either unchanged or a note of a dropped value.
     for step_id, reduced_step in reduced.steps.items():
-        original = after.steps[step_id]
-        for kept, was in zip(reduced_step.attempts, original.attempts, strict=True):
+        assert reduced_step.output == after.steps[step_id].output or is_note(reduced_step.output)
+    for key, reduced_execution in reduced.executions.items():
+        original = after.executions[key]
+        assert reduced_execution.output == original.output or is_note(reduced_execution.output)
+        for kept, was in zip(reduced_execution.attempts, original.attempts, strict=True):
             for now, then in ((kept.input, was.input), (kept.output, was.output)):
                 assert now == then or is_note(now)
     assert reduced.input == after.input or is_note(reduced.input)
@@ -486,8 +522,8 @@ def test_a_value_dropped_in_the_first_pass_keeps_its_own_size_and_hash(limit: in
     reduced, _ = fail_too_large(before, after, size=size, limit=limit, at=at(1))
     assert encoded_size(reduced) <= limit
     assert reduced.steps["s1"].output == note_for(output)
-    assert reduced.steps["s1"].attempts[0].output == note_for(output)
-    assert reduced.steps["s1"].attempts[0].input == {"text": "hello"}
+    assert execution_of(reduced, "s1").attempts[0].output == note_for(output)
+    assert execution_of(reduced, "s1").attempts[0].input == {"text": "hello"}
     assert reduced.input == {"text": "hello"}
 
 
@@ -520,7 +556,8 @@ def test_fail_unreadable_with_nothing_readable() -> None:
     assert state.created_at == at(3)
     assert state.input == {}
     assert state.steps == {}
-    assert state.current_step is None
+    assert state.executions == {}
+    assert state.last_step is None
     assert state.version >= 2**31  # newer than any snapshot whose version is unknown
 
 
@@ -588,8 +625,10 @@ def test_fail_unreadable_does_not_take_a_boolean_for_a_version() -> None:
 
 def test_the_open_step_in_a_fresh_run_is_in_flight() -> None:
     state = started()
-    s1 = state.steps["s1"]
-    assert isinstance(s1, StepState)
+    assert isinstance(state.steps["s1"], StepState)
+    assert state.steps["s1"].status is StepStatus.RUNNING
+    s1 = state.execution("s1")
+    assert isinstance(s1, Execution)
     assert isinstance(s1.current, Attempt)
     assert s1.current.status is StepStatus.RUNNING
     assert s1.current.dispatch_at == state.created_at

@@ -47,7 +47,19 @@ from models.run import (
     resume,
     transition,
 )
-from tests.models.run_builders import INPUT, RUN_ID, T0, make_plan, of_type, result, secs, step_ids, submitted
+from tests.models.run_builders import (
+    INPUT,
+    RUN_ID,
+    T0,
+    current_step,
+    execution_of,
+    make_plan,
+    of_type,
+    result,
+    secs,
+    step_ids,
+    submitted,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None)
 DEFAULT_TIMEOUT_S = 20.0
@@ -189,8 +201,8 @@ class Player:
     delivered: list[AgentResultReceived] = field(default_factory=list)
 
     def event_for(self, state: RunState, action: Action) -> tuple[Event, str]:
-        step_id = state.current_step or state.plan.start_step
-        step = state.steps.get(step_id)
+        step_id = current_step(state) or state.plan.start_step
+        step = state.execution(step_id)
         attempt = step.current if step is not None else None
         number = attempt.number if attempt is not None else 1
         in_flight = state.status is RunStatus.RUNNING and attempt is not None and not attempt.status.finished
@@ -222,7 +234,7 @@ class Player:
             others = [s for s in state.plan.steps if s != step_id]
             if variant == "other_step" and others:
                 other = others[pick % len(others)]
-                other_step = state.steps.get(other)
+                other_step = state.execution(other)
                 other_current = other_step.current if other_step is not None else None
                 other_number = other_current.number if other_current is not None else 1
                 return result(state, when, step_id=other, attempt=other_number), "stale"
@@ -299,17 +311,23 @@ def changed(entry: Step) -> bool:
 @given(scenarios())
 def test_a_completed_step_completes_once_and_never_changes(scenario: Scenario):
     frozen: dict[str, object] = {}
+    frozen_steps: dict[str, object] = {}
     for entry in play(scenario):
         state = entry.after
         assert state is not None
-        for step_id, step_state in state.steps.items():
-            completed = [a for a in step_state.attempts if a.status is StepStatus.COMPLETED]
+        for key, execution in state.executions.items():
+            completed = [a for a in execution.attempts if a.status is StepStatus.COMPLETED]
             assert len(completed) <= 1
-            if step_id in frozen:
-                assert step_state == frozen[step_id]
+            if key in frozen:
+                assert execution == frozen[key]
+            elif execution.status is StepStatus.COMPLETED:
+                assert completed == [execution.attempts[-1]]
+                frozen[key] = execution
+        for step_id, step_state in state.steps.items():
+            if step_id in frozen_steps:
+                assert step_state == frozen_steps[step_id]
             elif step_state.status is StepStatus.COMPLETED:
-                assert completed == [step_state.attempts[-1]]
-                frozen[step_id] = step_state
+                frozen_steps[step_id] = step_state
 
 
 @SETTINGS
@@ -383,7 +401,7 @@ def test_events_that_must_act_do_act(scenario: Scenario):
         if entry.tag == "due":
             assert isinstance(entry.event, StepTimedOut)
             assert [c.attempt for c in of_type(entry.effects, CancelAgentTask)] == [entry.event.attempt]
-            attempt = after.steps[entry.event.step_id].attempts[entry.event.attempt - 1]
+            attempt = execution_of(after, entry.event.step_id).attempts[entry.event.attempt - 1]
             assert attempt.status is StepStatus.FAILED
             assert attempt.error is not None
             assert attempt.error.kind == "timeout"
@@ -409,20 +427,26 @@ def test_state_stays_well_formed(scenario: Scenario):
         state = entry.after
         assert state is not None
         plan = state.plan
-        for step_id, step_state in state.steps.items():
+        # A chain: one execution per step reached, in the order reached.
+        assert list(state.executions) == [f"{s}@1" for s in state.steps]
+        at_step = current_step(state)
+        for execution in state.executions.values():
+            step_id = execution.step_id
+            assert (execution.iteration, execution.item) == (1, None)
             plan_step = plan.steps[step_id]
             timeout_s = plan_step.timeout_s if plan_step.timeout_s is not None else DEFAULT_TIMEOUT_S
-            assert [a.number for a in step_state.attempts] == list(range(1, len(step_state.attempts) + 1))
-            for attempt in step_state.attempts:
+            assert [a.number for a in execution.attempts] == list(range(1, len(execution.attempts) + 1))
+            for attempt in execution.attempts:
                 assert attempt.correlation_id == f"{RUN_ID}/{step_id}/{attempt.number}"
                 assert attempt.deadline == attempt.dispatch_at + secs(timeout_s)
-            assert all(a.status.finished for a in step_state.attempts[:-1])
-            if step_id != state.current_step or state.status.finished:
-                assert all(a.status.finished for a in step_state.attempts)
+            assert all(a.status.finished for a in execution.attempts[:-1])
+            if step_id != at_step or state.status.finished:
+                assert all(a.status.finished for a in execution.attempts)
+            assert execution.status is state.steps[step_id].status
         if state.status is RunStatus.RUNNING:
             # never hung: the current step always has an attempt in flight that resume() can restart
-            assert state.current_step is not None
-            current = state.steps[state.current_step].current
+            assert at_step is not None
+            current = execution_of(state, at_step).current
             assert current is not None
             assert not current.status.finished
             effects = resume(state, current.dispatch_at)

@@ -15,7 +15,18 @@ from models.run import (
     StepStatus,
     transition,
 )
-from tests.models.run_builders import NO_DELAY, at, failure, make_plan, of_type, result, start, step
+from tests.models.run_builders import (
+    NO_DELAY,
+    at,
+    current_step,
+    execution_of,
+    failure,
+    make_plan,
+    of_type,
+    result,
+    start,
+    step,
+)
 
 ONE_TRY = RetryPolicy(max_attempts=1)
 
@@ -28,13 +39,13 @@ def test_timeout_comes_from_the_plan_then_the_registry_then_the_default() -> Non
     registry = defaults(**{"agent-s1": AgentPolicy(timeout_s=7)})
     plan = make_plan(2)
     state = start(plan, defaults=registry)
-    assert (state.steps["s1"].attempts[0].deadline - at(0)).total_seconds() == 7
+    assert (execution_of(state, "s1").attempts[0].deadline - at(0)).total_seconds() == 7
     state = start(make_plan(2, timeout_s=3), defaults=registry)
-    assert (state.steps["s1"].attempts[0].deadline - at(0)).total_seconds() == 3, "the plan wins"
+    assert (execution_of(state, "s1").attempts[0].deadline - at(0)).total_seconds() == 3, "the plan wins"
     state, _ = step(state, result(state, at(1)))
-    assert (state.steps["s2"].attempts[0].deadline - at(1)).total_seconds() == 3
+    assert (execution_of(state, "s2").attempts[0].deadline - at(1)).total_seconds() == 3
     state = start(make_plan(2), defaults=defaults())
-    assert (state.steps["s1"].attempts[0].deadline - at(0)).total_seconds() == 100, "the global default"
+    assert (execution_of(state, "s1").attempts[0].deadline - at(0)).total_seconds() == 100, "the global default"
 
 
 def test_retry_policy_comes_from_the_registry_when_the_plan_is_silent() -> None:
@@ -56,7 +67,7 @@ def test_fallback_agent_takes_over_when_attempts_run_out() -> None:
     state = start(make_plan(2), defaults=registry)
     state, effects = step(state, failure(state, at(1)))
     assert state.status is RunStatus.RUNNING
-    s1 = state.steps["s1"]
+    s1 = execution_of(state, "s1")
     assert s1.fallback_agent == "backup"
     assert [a.agent_name for a in s1.attempts] == ["agent-s1", "backup"]
     (dispatch,) = of_type(effects, DispatchTask)
@@ -65,7 +76,8 @@ def test_fallback_agent_takes_over_when_attempts_run_out() -> None:
     assert (dispatch.task.deadline - at(1)).total_seconds() == 9, "the fallback agent's own timeout"
     state, effects = step(state, result(state, at(2)))
     assert state.steps["s1"].status is StepStatus.COMPLETED
-    assert state.current_step == "s2"
+    assert execution_of(state, "s1").status is StepStatus.COMPLETED
+    assert current_step(state) == "s2"
 
 
 def test_fallback_is_used_once_then_the_run_fails() -> None:
@@ -87,7 +99,9 @@ def test_skip_goes_on_with_the_default_output() -> None:
     registry = defaults(**{"agent-s1": AgentPolicy(retry=ONE_TRY, recovery=recovery)})
     state = start(make_plan(2), defaults=registry)
     state, effects = step(state, failure(state, at(1), message="no answer"))
-    s1 = state.steps["s1"]
+    assert state.steps["s1"].status is StepStatus.SKIPPED
+    assert state.steps["s1"].output == {"summary": "n/a"}
+    s1 = execution_of(state, "s1")
     assert s1.status is StepStatus.SKIPPED
     assert s1.output == {"summary": "n/a"}
     assert s1.error is not None
@@ -114,6 +128,7 @@ def test_non_retriable_failure_also_applies_the_recovery_policy() -> None:
     state = start(make_plan(1), defaults=registry)
     state, _ = step(state, failure(state, at(1), retriable=False))
     assert state.steps["s1"].status is StepStatus.SKIPPED
+    assert execution_of(state, "s1").status is StepStatus.SKIPPED
 
 
 def test_retry_request_after_a_fallback_starts_with_the_plans_agent_again() -> None:
@@ -139,10 +154,10 @@ def test_restore_rebuilds_a_lost_run_and_resumes_it() -> None:
     restored, effects = transition(None, RunRestored(state=state, at=at(2)))
     assert restored == state
     (dispatch,) = of_type(effects, DispatchTask)
-    assert dispatch.task.correlation_id == state.steps["s2"].attempts[0].correlation_id
-    assert dispatch.task.input == state.steps["s2"].attempts[0].input, "the finished step's output is reused"
+    assert dispatch.task.correlation_id == execution_of(state, "s2").attempts[0].correlation_id
+    assert dispatch.task.input == execution_of(state, "s2").attempts[0].input, "the finished step's output is reused"
     (timeout,) = of_type(effects, ScheduleTimeout)
-    assert timeout.at == state.steps["s2"].attempts[0].deadline
+    assert timeout.at == execution_of(state, "s2").attempts[0].deadline
 
 
 def test_restore_is_ignored_when_the_table_has_the_run() -> None:
@@ -169,7 +184,7 @@ def test_resume_gives_passed_deadlines_a_grace_period() -> None:
     from models.run import resume
 
     state = start(make_plan(1), defaults=defaults())
-    deadline = state.steps["s1"].attempts[0].deadline
+    deadline = execution_of(state, "s1").attempts[0].deadline
     late = deadline + timedelta(seconds=60)
     (timeout,) = of_type(resume(state, late), ScheduleTimeout)
     assert timeout.at == late, "without grace a passed deadline fires at once (now)"

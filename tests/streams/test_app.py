@@ -49,9 +49,10 @@ from models.messages import (
 from models.plan import RetryPolicy
 from models.run import RunState, RunStatus, StepStatus
 from streams.app import ExecutorApp, create_app
+from streams.timers import TimerKey
 from switchyard import topics
 from switchyard.settings import Settings
-from tests.models.run_builders import make_plan, success_for
+from tests.models.run_builders import current_step, execution_of, make_plan, success_for
 
 RUN_ID = "run-1"
 KEY = RUN_ID.encode()
@@ -211,11 +212,11 @@ async def test_submission_on_plans_sends_one_task_keyed_by_run_id(harness: Harne
     assert task.input == {"text": "hello"}
     state = h.state()
     assert state.status is RunStatus.RUNNING
-    assert state.current_step == "s1"
+    assert current_step(state) == "s1"
     assert h.dead_letters() == []
     h.checkpoints.put.assert_called_once_with(state)
     timer_keys = [call.args[1] for call in h.timers.call_at.call_args_list]
-    assert timer_keys == [f"timeout:{RUN_ID}/s1/1"]
+    assert timer_keys == [TimerKey("timeout", RUN_ID, f"{RUN_ID}/s1/1")]
     assert [u.status for u in h.updates()] == ["RUNNING", "RUNNING"]
     assert all(key == KEY for key, _ in sends(h.monitoring.send))
     assert all(not mock.await_args_list for mock in h.resend.values())
@@ -292,7 +293,7 @@ async def test_a_failing_dispatch_still_arms_its_deadline_and_the_agent_survives
     assert h.dead_letters() == []
     assert h.app.shell.effect_failures == 1
     timer_keys = [call.args[1] for call in h.timers.call_at.call_args_list]
-    assert f"timeout:{RUN_ID}/s1/1" in timer_keys
+    assert TimerKey("timeout", RUN_ID, f"{RUN_ID}/s1/1") in timer_keys
     assert h.checkpoints.put.call_count == 2
     assert [task.run_id for _, task in h.tasks_sent()] == [RUN_ID, "run-2"]
     assert h.state(RUN_ID).status is RunStatus.RUNNING
@@ -373,7 +374,7 @@ async def test_result_advances_the_run(harness: Harness) -> None:
     assert state.version == 2
     assert state.steps["s1"].status is StepStatus.COMPLETED
     assert state.steps["s1"].output == {"summary": "out-s1"}
-    assert state.current_step == "s2"
+    assert current_step(state) == "s2"
     sent = h.tasks_sent()
     assert [(key, task.correlation_id) for key, task in sent] == [(KEY, f"{RUN_ID}/s1/1"), (KEY, f"{RUN_ID}/s2/1")]
     assert sent[1][1].input == {"previous": "out-s1", "topic": "hello"}
@@ -475,12 +476,12 @@ async def test_step_timeout_fails_the_attempt_and_schedules_a_retry(harness: Har
     async with h.agent("control").test_context() as agent:
         await h.deliver(agent, KEY, encode(timeout))
 
-    step = h.state().steps["s1"]
+    step = execution_of(h.state(), "s1")
     assert [a.status for a in step.attempts] == [StepStatus.FAILED, StepStatus.PENDING]
     assert step.attempts[0].error is not None
     assert step.attempts[0].error.kind == "timeout"
     timer_keys = [call.args[1] for call in h.timers.call_at.call_args_list]
-    assert f"dispatch:{RUN_ID}/s1/2" in timer_keys
+    assert TimerKey("dispatch", RUN_ID, f"{RUN_ID}/s1/2") in timer_keys
     assert len(h.tasks_sent()) == 1  # the retry waits for its timer
 
 

@@ -66,7 +66,8 @@ def _history(run_id: str) -> list[RunState]:
     states = [state]
     outputs: list[tuple[str, JsonValue]] = [("research", {"notes": "streams"}), ("summarize", {"summary": "short"})]
     for offset, (step_id, output) in enumerate(outputs, start=1):
-        attempt = state.steps[step_id].current
+        execution = state.execution(step_id)
+        attempt = execution.current if execution is not None else None
         assert attempt is not None
         at = T0 + timedelta(seconds=offset)
         result = AgentResult(

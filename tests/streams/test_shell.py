@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -38,11 +38,14 @@ from models.run import (
     StepTimedOut,
 )
 from streams.shell import TIMEOUT_REPEAT, RunShell
+from streams.timers import TimerKey
 from tests.models.run_builders import (
     INPUT,
     RUN_ID,
     T0,
     at,
+    current_step,
+    execution_of,
     failure,
     make_plan,
     result,
@@ -52,6 +55,11 @@ from tests.models.run_builders import (
 KEY = RUN_ID.encode()
 DEFAULT_TIMEOUT = timedelta(seconds=300)  # ExecutionDefaults().timeout_s
 DELAYED = RetryPolicy(max_attempts=3, initial_delay_s=10.0, multiplier=2.0, jitter=0.0)
+
+
+def tkey(kind: Literal["timeout", "dispatch"], step_id: str, attempt: int, *, run_id: str = RUN_ID) -> TimerKey:
+    """The timer of one attempt of a plain (chain) step: its deadline or its delayed dispatch."""
+    return TimerKey(kind, run_id, f"{run_id}/{step_id}/{attempt}")
 
 
 # ---------------------------------------------------------------------- fakes
@@ -91,23 +99,23 @@ class FakeCheckpoints:
 class FakeTimers:
     """Keeps the latest timer per key (as the real Timers do) and every call."""
 
-    pending: dict[str, tuple[datetime, Callable[[], Any]]] = field(default_factory=dict)
-    calls: list[tuple[datetime, str]] = field(default_factory=list)
+    pending: dict[TimerKey, tuple[datetime, Callable[[], Any]]] = field(default_factory=dict)
+    calls: list[tuple[datetime, TimerKey]] = field(default_factory=list)
 
-    def call_at(self, when: datetime, key: str, action: Callable[[], Any]) -> None:
+    def call_at(self, when: datetime, key: TimerKey, action: Callable[[], Any]) -> None:
         self.pending[key] = (when, action)
         self.calls.append((when, key))
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: TimerKey) -> None:
         self.pending.pop(key, None)
 
-    def cancel_where(self, matches: Callable[[str], bool]) -> int:
+    def cancel_where(self, matches: Callable[[TimerKey], bool]) -> int:
         gone = [key for key in self.pending if matches(key)]
         for key in gone:
             del self.pending[key]
         return len(gone)
 
-    async def fire(self, key: str) -> None:
+    async def fire(self, key: TimerKey) -> None:
         _, action = self.pending.pop(key)
         await action()
 
@@ -208,7 +216,7 @@ async def test_submission_stores_state_as_json_bytes_under_run_id_bytes(rig: Rig
     assert document["run_id"] == RUN_ID
     assert document["status"] == "RUNNING"
     state = RunState.model_validate_json(raw)
-    assert state.current_step == "s1"
+    assert current_step(state) == "s1"
     assert state.version == 1
     assert rig.shell.applied == 1
     assert rig.shell.ignored == 0
@@ -228,7 +236,7 @@ async def test_submission_sends_exactly_one_task_keyed_by_run_id(rig: Rig) -> No
     assert task.agent_name == "agent-s1"
     assert task.input == {"text": INPUT["text"]}
     assert task.deadline == T0 + DEFAULT_TIMEOUT
-    attempt = state.steps["s1"].current
+    attempt = execution_of(state, "s1").current
     assert attempt is not None
     assert attempt.correlation_id == task.correlation_id
     assert rig.control.sent == []
@@ -238,8 +246,8 @@ async def test_submission_sends_exactly_one_task_keyed_by_run_id(rig: Rig) -> No
 async def test_submission_sets_a_timeout_timer_and_no_dispatch_timer(rig: Rig) -> None:
     await submit(rig)
 
-    assert list(rig.timers.pending) == [f"timeout:{RUN_ID}/s1/1"]
-    when, _ = rig.timers.pending[f"timeout:{RUN_ID}/s1/1"]
+    assert list(rig.timers.pending) == [tkey("timeout", "s1", 1)]
+    when, _ = rig.timers.pending[tkey("timeout", "s1", 1)]
     assert when == T0 + DEFAULT_TIMEOUT
 
 
@@ -272,13 +280,13 @@ async def test_result_completes_the_step_and_dispatches_the_next(rig: Rig) -> No
     assert new.version == 2
     assert new.steps["s1"].status is StepStatus.COMPLETED
     assert new.steps["s1"].output == {"summary": "out-s1"}
-    assert new.current_step == "s2"
+    assert current_step(new) == "s2"
     tasks = rig.tasks_sent()
     assert [t.correlation_id for t in tasks] == [f"{RUN_ID}/s1/1", f"{RUN_ID}/s2/1"]
     assert rig.tasks.sent[1][0] == KEY
     assert tasks[1].input == {"previous": "out-s1", "topic": INPUT["text"]}
-    assert f"timeout:{RUN_ID}/s2/1" in rig.timers.pending
-    assert rig.timers.pending[f"timeout:{RUN_ID}/s2/1"][0] == at(5) + DEFAULT_TIMEOUT
+    assert tkey("timeout", "s2", 1) in rig.timers.pending
+    assert rig.timers.pending[tkey("timeout", "s2", 1)][0] == at(5) + DEFAULT_TIMEOUT
     assert rig.checkpoints.put_states[-1] == new
     assert ("s1", "COMPLETED") in [(u.step_id, u.status) for u in rig.updates()]
 
@@ -357,15 +365,15 @@ async def test_delayed_retry_sets_a_dispatch_timer_instead_of_sending(rig: Rig) 
     await rig.shell.handle(failure(state, at(5)))
 
     new = rig.state()
-    attempt = new.steps["s1"].current
+    attempt = execution_of(new, "s1").current
     assert attempt is not None
     assert attempt.number == 2
     assert attempt.status is StepStatus.PENDING
     assert len(rig.tasks.sent) == 1  # only the first attempt: nothing sent now
-    dispatch_key = f"dispatch:{RUN_ID}/s1/2"
+    dispatch_key = tkey("dispatch", "s1", 2)
     assert dispatch_key in rig.timers.pending
     assert rig.timers.pending[dispatch_key][0] == at(15)
-    assert rig.timers.pending[f"timeout:{RUN_ID}/s1/2"][0] == at(15) + DEFAULT_TIMEOUT
+    assert rig.timers.pending[tkey("timeout", "s1", 2)][0] == at(15) + DEFAULT_TIMEOUT
     assert [u.status for u in rig.updates() if u.attempt == 2] == ["SCHEDULED"]
 
 
@@ -374,9 +382,9 @@ async def test_firing_the_dispatch_timer_sends_the_task_with_the_same_correlatio
     await rig.shell.handle(failure(state, at(5)))
     table_before = dict(rig.runs)
 
-    await rig.timers.fire(f"dispatch:{RUN_ID}/s1/2")
+    await rig.timers.fire(tkey("dispatch", "s1", 2))
 
-    attempt = rig.state().steps["s1"].current
+    attempt = execution_of(rig.state(), "s1").current
     assert attempt is not None
     assert len(rig.tasks.sent) == 2
     key, value = rig.tasks.sent[1]
@@ -392,7 +400,7 @@ async def test_firing_a_timeout_sends_a_step_timeout_control_message(rig: Rig) -
     await submit(rig)
     table_before = dict(rig.runs)
 
-    await rig.timers.fire(f"timeout:{RUN_ID}/s1/1")
+    await rig.timers.fire(tkey("timeout", "s1", 1))
 
     assert len(rig.control.sent) == 1
     key, value = rig.control.sent[0]
@@ -407,7 +415,7 @@ async def test_firing_a_timeout_sends_a_step_timeout_control_message(rig: Rig) -
 async def test_a_timeout_fires_again_until_its_attempt_is_seen_to_end(rig: Rig) -> None:
     # If the step_timeout message were lost, nothing else would end the attempt.
     await submit(rig, retry=DELAYED)
-    key = f"timeout:{RUN_ID}/s1/1"
+    key = tkey("timeout", "s1", 1)
 
     await rig.timers.fire(key)
     when, _ = rig.timers.pending[key]
@@ -416,7 +424,7 @@ async def test_a_timeout_fires_again_until_its_attempt_is_seen_to_end(rig: Rig) 
     assert len(rig.control.sent) == 2, "the repeat sends the same step timeout again"
     assert {decode(ControlMessage, value).attempt for _, value in rig.control.sent} == {1}
 
-    attempt = rig.state().steps["s1"].current
+    attempt = execution_of(rig.state(), "s1").current
     assert attempt is not None
     await rig.shell.handle(StepTimedOut(run_id=RUN_ID, step_id="s1", attempt=1, at=attempt.deadline))
     assert key not in rig.timers.pending, "the attempt ended: its deadline is forgotten"
@@ -424,7 +432,7 @@ async def test_a_timeout_fires_again_until_its_attempt_is_seen_to_end(rig: Rig) 
 
 async def test_a_timeout_whose_attempt_already_ended_sends_nothing(rig: Rig) -> None:
     await submit(rig)
-    key = f"timeout:{RUN_ID}/s1/1"
+    key = tkey("timeout", "s1", 1)
     _, action = rig.timers.pending[key]
     await rig.shell.handle(result(rig.state(), at(5)))
     assert key not in rig.timers.pending
@@ -437,18 +445,19 @@ async def test_a_timeout_whose_attempt_already_ended_sends_nothing(rig: Rig) -> 
 
 async def test_applying_the_timeout_retries_the_step(rig: Rig) -> None:
     state = await submit(rig, retry=DELAYED)
-    attempt = state.steps["s1"].current
+    attempt = execution_of(state, "s1").current
     assert attempt is not None
 
     await rig.shell.handle(StepTimedOut(run_id=RUN_ID, step_id="s1", attempt=1, at=attempt.deadline))
 
     new = rig.state()
-    current = new.steps["s1"].current
+    current = execution_of(new, "s1").current
     assert current is not None
     assert current.number == 2
-    assert new.steps["s1"].attempts[0].error is not None
-    assert new.steps["s1"].attempts[0].error.kind == "timeout"
-    assert f"dispatch:{RUN_ID}/s1/2" in rig.timers.pending
+    error = execution_of(new, "s1").attempts[0].error
+    assert error is not None
+    assert error.kind == "timeout"
+    assert tkey("dispatch", "s1", 2) in rig.timers.pending
 
 
 # ------------------------------------------------------------------ dead letters
@@ -489,7 +498,7 @@ async def test_park_keeps_a_text_payload_as_text_and_a_missing_key_as_none(rig: 
 
 async def test_resume_all_redispatches_in_flight_attempts_with_the_same_correlation_id(rig: Rig) -> None:
     state = await submit(rig)
-    attempt = state.steps["s1"].current
+    attempt = execution_of(state, "s1").current
     assert attempt is not None
     restarted = make_rig(runs=rig.runs)  # a new worker over the recovered table
     table_before = dict(rig.runs)
@@ -503,7 +512,7 @@ async def test_resume_all_redispatches_in_flight_attempts_with_the_same_correlat
     task = decode(AgentTask, value)
     assert task.correlation_id == attempt.correlation_id == rig.tasks_sent()[0].correlation_id
     assert task.attempt == 1
-    assert restarted.timers.pending[f"timeout:{RUN_ID}/s1/1"][0] == attempt.deadline
+    assert restarted.timers.pending[tkey("timeout", "s1", 1)][0] == attempt.deadline
     assert restarted.runs == table_before
     assert restarted.checkpoints.put_states == []
 
@@ -517,10 +526,10 @@ async def test_resume_all_rearms_a_delayed_retry_without_sending_it(rig: Rig) ->
 
     assert resumed == 1
     assert restarted.tasks.sent == []
-    assert restarted.timers.pending[f"dispatch:{RUN_ID}/s1/2"][0] == at(15)
-    assert restarted.timers.pending[f"timeout:{RUN_ID}/s1/2"][0] == at(15) + DEFAULT_TIMEOUT
+    assert restarted.timers.pending[tkey("dispatch", "s1", 2)][0] == at(15)
+    assert restarted.timers.pending[tkey("timeout", "s1", 2)][0] == at(15) + DEFAULT_TIMEOUT
 
-    await restarted.timers.fire(f"dispatch:{RUN_ID}/s1/2")
+    await restarted.timers.fire(tkey("dispatch", "s1", 2))
 
     assert [t.correlation_id for t in restarted.tasks_sent()] == [f"{RUN_ID}/s1/2"]
 
@@ -533,7 +542,7 @@ async def test_resume_all_sends_a_delayed_retry_whose_time_has_passed(rig: Rig) 
     await restarted.shell.resume_all(at(60))
 
     assert [t.correlation_id for t in restarted.tasks_sent()] == [f"{RUN_ID}/s1/2"]
-    assert not any(key.startswith("dispatch:") for key in restarted.timers.pending)
+    assert not any(key.kind == "dispatch" for key in restarted.timers.pending)
 
 
 async def test_asking_again_sends_only_the_attempts_in_flight(rig: Rig) -> None:
@@ -547,7 +556,7 @@ async def test_asking_again_sends_only_the_attempts_in_flight(rig: Rig) -> None:
     asked = await restarted.shell.resume_all(at(10), dispatches_only=True)
 
     assert asked == 1
-    attempt = state.steps["s1"].current
+    attempt = execution_of(state, "s1").current
     assert attempt is not None
     assert [t.correlation_id for t in restarted.tasks_sent()] == [attempt.correlation_id]
     assert restarted.timers.calls == []
@@ -564,7 +573,7 @@ async def test_resume_all_skips_finished_runs(rig: Rig) -> None:
 
     assert resumed == 1
     assert [t.run_id for t in restarted.tasks_sent()] == ["run-2"]
-    assert set(restarted.timers.pending) == {"timeout:run-2/s1/1"}
+    assert set(restarted.timers.pending) == {tkey("timeout", "s1", 1, run_id="run-2")}
     assert restarted.monitoring.sent == []
 
 
@@ -608,7 +617,7 @@ async def test_catching_up_leaves_ends_older_than_the_crash_window(rig: Rig) -> 
 
 # ------------------------------------------------------------- failing sends
 #
-# DESIGN.md, "Recovery": every attempt in flight has a deadline, so a lost
+# docs/architecture.md, "Recovery": every attempt in flight has a deadline, so a lost
 # dispatch becomes a timeout and a retry, never a hung run. apply() has stored
 # the new state before carry_out() runs; if one send then fails, the rest of
 # the effects must still protect that state.
@@ -623,7 +632,7 @@ async def test_a_failed_send_still_arms_the_deadline_and_queues_the_checkpoint(r
 
     state = rig.state()
     assert state.status is RunStatus.RUNNING  # stored by apply() before the send failed
-    assert f"timeout:{RUN_ID}/s1/1" in rig.timers.pending, "the stored attempt has no deadline: the run hangs"
+    assert tkey("timeout", "s1", 1) in rig.timers.pending, "the stored attempt has no deadline: the run hangs"
     assert rig.checkpoints.put_states == [state], "the stored state is never checkpointed"
 
 
@@ -636,7 +645,7 @@ async def test_resume_all_goes_on_after_one_run_fails_to_resume(rig: Rig) -> Non
         await restarted.shell.resume_all(at(30))
 
     assert [task.run_id for task in restarted.tasks_sent()] == ["run-2"], "run-2 was never resumed"
-    assert {"timeout:run-2/s1/1", f"timeout:{RUN_ID}/s1/1"} <= set(restarted.timers.pending)
+    assert {tkey("timeout", "s1", 1, run_id="run-2"), tkey("timeout", "s1", 1)} <= set(restarted.timers.pending)
 
 
 # ------------------------------------------------------------- apply is atomic
@@ -727,14 +736,14 @@ async def test_a_submission_of_a_running_run_the_table_lost_restores_it() -> Non
 
 async def test_a_finished_attempt_forgets_its_deadline_and_dispatch_timers(rig: Rig) -> None:
     state = await submit(rig, retry=DELAYED)
-    assert f"timeout:{RUN_ID}/s1/1" in rig.timers.pending
+    assert tkey("timeout", "s1", 1) in rig.timers.pending
     await rig.shell.handle(failure(state, at(5)))
-    assert f"timeout:{RUN_ID}/s1/1" not in rig.timers.pending, "attempt 1 ended"
-    assert f"dispatch:{RUN_ID}/s1/2" in rig.timers.pending
+    assert tkey("timeout", "s1", 1) not in rig.timers.pending, "attempt 1 ended"
+    assert tkey("dispatch", "s1", 2) in rig.timers.pending
     state = rig.state()
     await rig.shell.handle(result(state, at(20)))
-    assert not any(key.endswith(f"{RUN_ID}/s1/2") for key in rig.timers.pending), "attempt 2 ended"
-    assert f"timeout:{RUN_ID}/s2/1" in rig.timers.pending
+    assert not any(key.correlation_id == f"{RUN_ID}/s1/2" for key in rig.timers.pending), "attempt 2 ended"
+    assert tkey("timeout", "s2", 1) in rig.timers.pending
 
 
 # ------------------------------------------------------- parsed states kept
@@ -756,11 +765,11 @@ async def test_a_state_replaced_in_the_table_is_read_afresh(rig: Rig) -> None:
     state = await submit(rig, n_steps=2)
     older = rig.runs[KEY]
     await rig.shell.handle(result(state, at(5)))
-    assert rig.state().current_step == "s2"
+    assert current_step(rig.state()) == "s2"
 
     rig.runs[KEY] = older
     loaded = rig.shell.load(RUN_ID)
 
     assert loaded is not None
-    assert loaded.current_step == "s1"
+    assert current_step(loaded) == "s1"
     assert loaded.version == state.version

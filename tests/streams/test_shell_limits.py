@@ -35,9 +35,10 @@ from models.run import (
     StepStatus,
     StepTimedOut,
 )
+from streams.timers import TimerKey
 from switchyard.limits import record_size
 from tests.models.run_builders import RUN_ID, at, make_plan, result, start, submitted
-from tests.streams.test_shell import FakeTimers, FakeTopic, NoRecords, Rig, make_rig
+from tests.streams.test_shell import FakeTimers, FakeTopic, NoRecords, Rig, make_rig, tkey
 
 LIMIT = 16_384  # the least SWITCHYARD_MAX_MESSAGE_BYTES allows
 KEY = RUN_ID.encode()
@@ -84,7 +85,7 @@ def oversize_running_state(run_input: dict[str, JsonValue] | None = None) -> Run
     return state
 
 
-def arm_timers(timers: FakeTimers, keys: list[str]) -> None:
+def arm_timers(timers: FakeTimers, keys: list[TimerKey]) -> None:
     async def nothing() -> None:
         return None
 
@@ -133,7 +134,7 @@ async def test_a_result_whose_output_is_too_large_fails_the_run_and_does_not_dis
     await rig.shell.handle(submitted(make_plan(2)))
     running = rig.state()
     assert len(rig.tasks_sent()) == 1
-    assert "timeout:run-1/s1/1" in rig.timers.pending
+    assert tkey("timeout", "s1", 1) in rig.timers.pending
     await rig.shell.handle(result(running, at(1), output={"summary": BIG}))
     state = assert_stored_failed(rig, ErrorKind.STATE_TOO_LARGE)
     assert state.version > running.version
@@ -162,7 +163,15 @@ async def test_a_result_that_fits_is_stored_as_usual(rig: Rig) -> None:
 def stored_too_large(rig: Rig) -> RunState:
     state = oversize_running_state()
     rig.runs[KEY] = state.model_dump_json().encode()
-    arm_timers(rig.timers, ["timeout:run-1/s1/1", "dispatch:run-1/s1/2", "timeout:run-10/s1/1", "timeout:run-2/s1/1"])
+    arm_timers(
+        rig.timers,
+        [
+            tkey("timeout", "s1", 1),
+            tkey("dispatch", "s1", 2),
+            tkey("timeout", "s1", 1, run_id="run-10"),
+            tkey("timeout", "s1", 1, run_id="run-2"),
+        ],
+    )
     return state
 
 
@@ -186,7 +195,10 @@ async def test_any_event_fails_a_stored_state_already_over_the_limit(rig: Rig, m
     assert state.version > stored.version
     assert state.steps["s1"].status is StepStatus.FAILED
     # This run's timers are gone; others' (run-10 and run-2 share a prefix, not the run) are not.
-    assert set(rig.timers.pending) == {"timeout:run-10/s1/1", "timeout:run-2/s1/1"}
+    assert set(rig.timers.pending) == {
+        tkey("timeout", "s1", 1, run_id="run-10"),
+        tkey("timeout", "s1", 1, run_id="run-2"),
+    }
     assert [c.correlation_id for c in cancels_sent(rig)] == ["run-1/s1/1"]
     assert rig.tasks.sent == []
     assert rig.updates()[-1].status == RunStatus.FAILED
@@ -202,14 +214,14 @@ async def test_any_event_fails_a_stored_state_already_over_the_limit(rig: Rig, m
 )
 async def test_an_unreadable_stored_value_fails_the_run_with_the_reason(rig: Rig, raw: bytes) -> None:
     rig.runs[KEY] = raw
-    arm_timers(rig.timers, ["timeout:run-1/s1/1", "timeout:run-11/s1/1"])
+    arm_timers(rig.timers, [tkey("timeout", "s1", 1), tkey("timeout", "s1", 1, run_id="run-11")])
     assert rig.shell.load(RUN_ID) is None  # unreadable: None, not an exception
     await rig.shell.handle(result(start(make_plan(2)), at(1)))
     state = assert_stored_failed(rig, ErrorKind.UNREADABLE_STATE)
     assert state.error is not None
     assert "cannot be read" in state.error.message
     assert "Error" in state.error.message  # the reason names the error
-    assert set(rig.timers.pending) == {"timeout:run-11/s1/1"}
+    assert set(rig.timers.pending) == {tkey("timeout", "s1", 1, run_id="run-11")}
     assert rig.tasks.sent == []
     assert rig.updates()[-1].status == RunStatus.FAILED
     assert rig.checkpoints.put_states == [state]

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from models.messages import utcnow
-from streams.timers import Timers
+from streams.timers import TimerKey, Timers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -56,6 +56,11 @@ class Log:
                 await asyncio.wait_for(self.changed.wait(), timeout=left)
 
 
+def key(name: str) -> TimerKey:
+    """A timer key named ``name`` (the timers do not care what it is for)."""
+    return TimerKey("timeout", "run-1", name)
+
+
 def _in(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
@@ -64,7 +69,7 @@ async def test_a_past_time_runs_at_once(timers: Timers) -> None:
     log = Log()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    timers.call_at(_in(-60), "late", log.action("late"))
+    timers.call_at(_in(-60), key("late"), log.action("late"))
     await log.wait_for(lambda: log.ran == ["late"], within_s=1.0)
     assert loop.time() - started < 0.5
     assert len(timers) == 0
@@ -74,7 +79,7 @@ async def test_a_future_time_waits_until_then(timers: Timers) -> None:
     log = Log()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    timers.call_at(_in(0.2), "soon", log.action("soon"))
+    timers.call_at(_in(0.2), key("soon"), log.action("soon"))
     assert len(timers) == 1
     await log.wait_for(lambda: log.ran == ["soon"])
     took = log.times["soon"][0] - started
@@ -84,9 +89,9 @@ async def test_a_future_time_waits_until_then(timers: Timers) -> None:
 
 async def test_actions_run_in_order_of_time(timers: Timers) -> None:
     log = Log()
-    timers.call_at(_in(0.15), "c", log.action("c"))
-    timers.call_at(_in(0.05), "a", log.action("a"))
-    timers.call_at(_in(0.10), "b", log.action("b"))
+    timers.call_at(_in(0.15), key("c"), log.action("c"))
+    timers.call_at(_in(0.05), key("a"), log.action("a"))
+    timers.call_at(_in(0.10), key("b"), log.action("b"))
     assert len(timers) == 3
     await log.wait_for(lambda: len(log.ran) == 3)
     assert log.ran == ["a", "b", "c"]
@@ -95,20 +100,20 @@ async def test_actions_run_in_order_of_time(timers: Timers) -> None:
 async def test_past_actions_run_oldest_first(timers: Timers) -> None:
     log = Log()
     # Set all at once (no await in between), so they are all due together.
-    timers.call_at(_in(-1), "newest", log.action("newest"))
-    timers.call_at(_in(-3), "oldest", log.action("oldest"))
-    timers.call_at(_in(-2), "middle", log.action("middle"))
+    timers.call_at(_in(-1), key("newest"), log.action("newest"))
+    timers.call_at(_in(-3), key("oldest"), log.action("oldest"))
+    timers.call_at(_in(-2), key("middle"), log.action("middle"))
     await log.wait_for(lambda: len(log.ran) == 3)
     assert log.ran == ["oldest", "middle", "newest"]
 
 
 async def test_an_earlier_timer_set_while_waiting_runs_on_time(timers: Timers) -> None:
     log = Log()
-    timers.call_at(_in(30), "far", log.action("far"))
+    timers.call_at(_in(30), key("far"), log.action("far"))
     await asyncio.sleep(0.05)  # the service is now waiting for "far" (or its 1 s poll)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    timers.call_at(_in(0.05), "near", log.action("near"))
+    timers.call_at(_in(0.05), key("near"), log.action("near"))
     await log.wait_for(lambda: log.ran == ["near"], within_s=2.0)
     assert log.times["near"][0] - started < 0.5
     assert len(timers) == 1  # "far" still pending
@@ -116,20 +121,20 @@ async def test_an_earlier_timer_set_while_waiting_runs_on_time(timers: Timers) -
 
 async def test_same_key_replaces(timers: Timers) -> None:
     log = Log()
-    timers.call_at(_in(0.05), "deadline", log.action("first"))
-    timers.call_at(_in(0.10), "deadline", log.action("second"))
-    timers.call_at(_in(0.15), "deadline", log.action("third"))
+    timers.call_at(_in(0.05), key("deadline"), log.action("first"))
+    timers.call_at(_in(0.10), key("deadline"), log.action("second"))
+    timers.call_at(_in(0.15), key("deadline"), log.action("third"))
     assert len(timers) == 1
-    timers.call_at(_in(0.3), "sentinel", log.action("sentinel"))
+    timers.call_at(_in(0.3), key("sentinel"), log.action("sentinel"))
     await log.wait_for(lambda: "sentinel" in log.ran)
     assert log.ran == ["third", "sentinel"]
 
 
 async def test_same_key_replaced_by_an_earlier_time(timers: Timers) -> None:
     log = Log()
-    timers.call_at(_in(0.2), "k", log.action("later"))
-    timers.call_at(_in(0.05), "k", log.action("earlier"))
-    timers.call_at(_in(0.4), "sentinel", log.action("sentinel"))
+    timers.call_at(_in(0.2), key("k"), log.action("later"))
+    timers.call_at(_in(0.05), key("k"), log.action("earlier"))
+    timers.call_at(_in(0.4), key("sentinel"), log.action("sentinel"))
     await log.wait_for(lambda: "sentinel" in log.ran)
     assert log.ran == ["earlier", "sentinel"]
 
@@ -137,20 +142,20 @@ async def test_same_key_replaced_by_an_earlier_time(timers: Timers) -> None:
 async def test_same_key_same_time_runs_once(timers: Timers) -> None:
     log = Log()
     when = _in(0.05)
-    timers.call_at(when, "k", log.action("first"))
-    timers.call_at(when, "k", log.action("second"))  # e.g. resume() setting the same deadline again
-    timers.call_at(_in(0.2), "sentinel", log.action("sentinel"))
+    timers.call_at(when, key("k"), log.action("first"))
+    timers.call_at(when, key("k"), log.action("second"))  # e.g. resume() setting the same deadline again
+    timers.call_at(_in(0.2), key("sentinel"), log.action("sentinel"))
     await log.wait_for(lambda: "sentinel" in log.ran)
     assert log.ran == ["second", "sentinel"]
 
 
 async def test_cancel(timers: Timers) -> None:
     log = Log()
-    timers.call_at(_in(0.05), "k", log.action("cancelled"))
-    timers.call_at(_in(0.15), "sentinel", log.action("sentinel"))
+    timers.call_at(_in(0.05), key("k"), log.action("cancelled"))
+    timers.call_at(_in(0.15), key("sentinel"), log.action("sentinel"))
     assert len(timers) == 2
-    timers.cancel("k")
-    timers.cancel("no-such-key")  # no error
+    timers.cancel(key("k"))
+    timers.cancel(key("no-such-key"))  # no error
     assert len(timers) == 1
     await log.wait_for(lambda: "sentinel" in log.ran)
     assert log.ran == ["sentinel"]
@@ -160,10 +165,10 @@ async def test_cancel(timers: Timers) -> None:
 async def test_set_again_after_cancel(timers: Timers) -> None:
     log = Log()
     when = _in(0.05)
-    timers.call_at(when, "k", log.action("old"))
-    timers.cancel("k")
-    timers.call_at(when, "k", log.action("new"))
-    timers.call_at(_in(0.2), "sentinel", log.action("sentinel"))
+    timers.call_at(when, key("k"), log.action("old"))
+    timers.cancel(key("k"))
+    timers.call_at(when, key("k"), log.action("new"))
+    timers.call_at(_in(0.2), key("sentinel"), log.action("sentinel"))
     await log.wait_for(lambda: "sentinel" in log.ran)
     assert log.ran == ["new", "sentinel"]
 
@@ -178,9 +183,9 @@ async def test_an_action_may_set_its_own_key_again(timers: Timers) -> None:
         log.ran.append(f"round-{rounds}")
         log.changed.set()
         if rounds < 3:
-            timers.call_at(_in(0.02), "periodic", again)
+            timers.call_at(_in(0.02), key("periodic"), again)
 
-    timers.call_at(_in(0.02), "periodic", again)
+    timers.call_at(_in(0.02), key("periodic"), again)
     await log.wait_for(lambda: rounds == 3)
     assert log.ran == ["round-1", "round-2", "round-3"]
     assert len(timers) == 0
@@ -199,7 +204,7 @@ async def test_a_failing_action_is_retried_about_a_second_later(
             raise ConnectionError("broker briefly away")
 
     with caplog.at_level(logging.ERROR, logger="streams.timers"):
-        timers.call_at(_in(-0.01), "deadline", flaky)
+        timers.call_at(_in(-0.01), key("deadline"), flaky)
         await log.wait_for(lambda: len(attempts) == 1, within_s=1.0)
         assert len(timers) == 1  # the retry is pending
         await log.wait_for(lambda: len(attempts) == 2, within_s=3.0)
@@ -219,9 +224,9 @@ async def test_a_failing_action_does_not_override_a_newer_timer(timers: Timers) 
         await gate.wait()
         raise ConnectionError("broker briefly away")
 
-    timers.call_at(_in(-0.01), "k", failing)
+    timers.call_at(_in(-0.01), key("k"), failing)
     await log.wait_for(lambda: log.ran == ["failing"])
-    timers.call_at(_in(0.05), "k", log.action("newer"))  # set while the failing one runs
+    timers.call_at(_in(0.05), key("k"), log.action("newer"))  # set while the failing one runs
     gate.set()
     await log.wait_for(lambda: "newer" in log.ran)
     # A retry of "failing" would have been set at once, replacing "newer" (same key) and staying pending.
@@ -235,12 +240,12 @@ async def test_a_failing_action_does_not_stop_the_others(timers: Timers) -> None
     async def broken() -> None:
         raise RuntimeError("always")
 
-    timers.call_at(_in(-0.02), "broken", broken)
-    timers.call_at(_in(-0.01), "fine", log.action("fine"))
-    timers.call_at(_in(0.05), "later", log.action("later"))
+    timers.call_at(_in(-0.02), key("broken"), broken)
+    timers.call_at(_in(-0.01), key("fine"), log.action("fine"))
+    timers.call_at(_in(0.05), key("later"), log.action("later"))
     await log.wait_for(lambda: log.ran == ["fine", "later"])
     assert len(timers) == 1  # only "broken", waiting for its retry
-    timers.cancel("broken")
+    timers.cancel(key("broken"))
     assert len(timers) == 0
 
 
@@ -250,10 +255,10 @@ async def test_len_counts_pending_keys(timers: Timers) -> None:
 
     assert len(timers) == 0
     for i in range(5):
-        timers.call_at(_in(60), f"k{i}", nothing)
-    timers.call_at(_in(60), "k0", nothing)
+        timers.call_at(_in(60), key(f"k{i}"), nothing)
+    timers.call_at(_in(60), key("k0"), nothing)
     assert len(timers) == 5
-    timers.cancel("k1")
+    timers.cancel(key("k1"))
     assert len(timers) == 4
 
 
@@ -261,7 +266,7 @@ async def test_stop_drops_pending_timers_without_running_them() -> None:
     log = Log()
     service = Timers()
     await service.start()
-    service.call_at(_in(0.1), "k", log.action("k"))
+    service.call_at(_in(0.1), key("k"), log.action("k"))
     await service.stop()
     await asyncio.sleep(0.2)
     assert log.ran == []

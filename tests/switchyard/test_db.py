@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import JsonValue
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -20,18 +21,18 @@ from models.run import (
     RunState,
     RunStatus,
     RunSubmitted,
-    StepStatus,
     transition,
 )
+from streams.views import record_view, state_view
 from switchyard.db import (
     SnapshotRepository,
-    StepRepository,
     WorkflowRepository,
     create_schema,
     normalize_url,
     snapshot_rows,
     upsert_snapshots,
 )
+from tests.streams.test_views import drive, loop_answer, loop_plan, map_answer, map_plan
 
 pytestmark = pytest.mark.postgres
 
@@ -149,8 +150,12 @@ def test_schema_has_tables_columns_and_indexes(engine: Engine) -> None:
     assert ("workflow_id",) in run_indexes
     step_indexes = {tuple(i["column_names"]) for i in inspector.get_indexes("step_executions")}
     assert ("run_id",) in step_indexes
+    step_cols = {c["name"]: c for c in inspector.get_columns("step_executions")}
+    assert not step_cols["iteration"]["nullable"]
+    assert step_cols["item"]["nullable"]
     uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints("step_executions")}
-    assert ("run_id", "step_id", "attempt") in uniques
+    assert ("run_id", "step_id", "iteration", "item", "attempt") in uniques
+    assert ("run_id", "step_id", "attempt") not in uniques
     assert ("correlation_id",) in uniques
     fks = inspector.get_foreign_keys("step_executions")
     assert fks[0]["referred_table"] == "workflow_runs"
@@ -159,113 +164,180 @@ def test_schema_has_tables_columns_and_indexes(engine: Engine) -> None:
 # -------------------------------------------------------------- repositories
 
 
-def test_create_get_and_update_run(engine: Engine) -> None:
-    runs = WorkflowRepository(engine)
-    plan = _plan().model_dump(mode="json")
-    created = runs.create_run("repo-run-1", plan, {"topic": "x"}, created_at=T0)
-    assert created.status == "PENDING"
+def _submitted(run_id: str, plan: WorkflowPlan, at: datetime, run_input: dict[str, JsonValue]) -> RunState:
+    state, _ = transition(None, RunSubmitted(run_id=run_id, plan=plan, input=run_input, at=at))
+    assert state is not None
+    return state
+
+
+def _failed(state: RunState, at: datetime) -> RunState:
+    """``state`` after its first step's attempt failed for good (an error no retry helps)."""
+    execution = next(reversed(state.executions.values()))
+    attempt = execution.current
+    assert attempt is not None
+    res = AgentResult(
+        correlation_id=attempt.correlation_id,
+        run_id=state.run_id,
+        step_id=execution.step_id,
+        attempt=attempt.number,
+        status=ResultStatus.FAILURE,
+        error=AgentError(kind="bad_request", message="400 from agent", retriable=False),
+        started_at=at,
+        finished_at=at,
+    )
+    failed, _ = transition(state, AgentResultReceived(result=res, at=at))
+    assert failed is not None
+    assert failed.status is RunStatus.FAILED
+    return failed
+
+
+def test_snapshots_are_read_back_as_runs(engine: Engine) -> None:
+    runs, snapshots = WorkflowRepository(engine), SnapshotRepository(engine)
+    history = _history("repo-run-1")
+    assert snapshots.upsert([history[0]]) == 1
+    created = runs.get_run("repo-run-1")
+    assert created is not None
+    assert created.status == "RUNNING"
     assert created.workflow_id == "research-and-summarize"
     assert created.workflow_version == "1.0"
-    assert created.created_at == T0
+    assert created.input == {"topic": "kafka"}
+    assert created.created_at == created.started_at == T0
+    assert created.completed_at is None
+    assert created.version == 1
+    assert runs.get_state("repo-run-1") == history[0]
+    assert runs.exists("repo-run-1") == "RUNNING"
 
-    again = runs.create_run("repo-run-1", plan, {"topic": "other"})
-    assert again.input == {"topic": "x"}, "creating an existing run must not overwrite it"
+    # Another submission under the same run_id (a version no newer) must not overwrite it.
+    other = _submitted("repo-run-1", _plan(), T0 + timedelta(seconds=9), {"topic": "other"})
+    assert other.version == created.version
+    snapshots.upsert([other])
+    again = runs.get_run("repo-run-1")
+    assert again is not None
+    assert again.input == {"topic": "kafka"}, "a snapshot no newer than the record must not overwrite it"
+    assert again.created_at == T0
 
-    assert runs.update_run_status("repo-run-1", RunStatus.RUNNING, at=T0 + timedelta(seconds=1))
-    running = runs.get_run("repo-run-1")
-    assert running is not None
-    assert running.status == "RUNNING"
-    assert running.started_at == T0 + timedelta(seconds=1)
-    assert running.completed_at is None
-
-    assert runs.update_run_status(
-        "repo-run-1", RunStatus.COMPLETED, output={"summary": "s"}, at=T0 + timedelta(seconds=2)
-    )
+    snapshots.upsert([history[-1]])
     done = runs.get_run("repo-run-1")
     assert done is not None
     assert done.status == "COMPLETED"
-    assert done.output == {"summary": "s"}
-    assert done.completed_at == T0 + timedelta(seconds=2)
+    assert done.output == {"summary": "short"}
+    assert done.started_at == T0
+    assert done.completed_at == T0 + timedelta(seconds=4)
+    assert done.updated_at == T0 + timedelta(seconds=4)
+    assert done.version == 4
+    assert done.submission_fingerprint() == history[0].fingerprint
+    assert runs.get_state("repo-run-1") == history[-1]
+    assert runs.exists("repo-run-1") == "COMPLETED"
 
     assert runs.get_run("no-such-run") is None
-    assert not runs.update_run_status("no-such-run", RunStatus.FAILED)
+    assert runs.get_state("no-such-run") is None
+    assert runs.exists("no-such-run") is None
 
 
 def test_list_runs_filters_and_orders(engine: Engine) -> None:
     runs = WorkflowRepository(engine)
-    plan = _plan().model_dump(mode="json")
-    other_plan = {**plan, "workflow_id": "other-flow"}
-    for i in range(5):
-        runs.create_run(f"list-{i}", plan if i % 2 == 0 else other_plan, {}, created_at=T0 + timedelta(minutes=i))
-    runs.update_run_status("list-3", RunStatus.FAILED, error={"kind": "x", "message": "y"})
+    base = T0 + timedelta(hours=1)  # after every other run of the module
+    other_plan = _plan().model_copy(update={"workflow_id": "other-flow"})
+    states = [
+        _submitted(f"list-{i}", _plan() if i % 2 == 0 else other_plan, base + timedelta(minutes=i), {"topic": f"t{i}"})
+        for i in range(5)
+    ]
+    states[3] = _failed(states[3], base + timedelta(minutes=6))
+    SnapshotRepository(engine).upsert(states)
 
     listed = [r.run_id for r in runs.list_runs(workflow_id="research-and-summarize")]
     assert listed[:3] == ["list-4", "list-2", "list-0"], "newest first"
-    assert [r.run_id for r in runs.list_runs(status=RunStatus.FAILED)] == ["list-3"]
-    assert {r.run_id for r in runs.list_runs(status=[RunStatus.FAILED, RunStatus.PENDING])} >= {"list-3", "list-4"}
+    assert [r.run_id for r in runs.list_runs(status=RunStatus.FAILED) if r.run_id.startswith("list-")] == ["list-3"]
+    assert {r.run_id for r in runs.list_runs(status=[RunStatus.FAILED, RunStatus.RUNNING])} >= {"list-3", "list-4"}
+    assert not {r.run_id for r in runs.list_runs(status=RunStatus.COMPLETED)} & {s.run_id for s in states}
     assert len(runs.list_runs(limit=2)) == 2
-    assert [r.run_id for r in runs.list_runs(workflow_id="other-flow")] == ["list-3", "list-1"]
-
-
-def test_steps_create_update_and_read_in_order(engine: Engine) -> None:
-    runs, steps = WorkflowRepository(engine), StepRepository(engine)
-    runs.create_run("step-run", _plan().model_dump(mode="json"), {})
-    first = steps.create_step(
-        run_id="step-run",
-        step_id="research",
-        attempt=1,
-        agent_name="researcher",
-        correlation_id="step-run/research/1",
-        input_data={"topic": "x"},
-        started_at=T0,
-    )
-    assert first.status == "RUNNING"
-    again = steps.create_step(
-        run_id="step-run",
-        step_id="research",
-        attempt=1,
-        agent_name="researcher",
-        correlation_id="step-run/research/1",
-        input_data={"topic": "changed"},
-    )
-    assert again.input_data == {"topic": "x"}, "creating the same attempt again changes nothing"
-    steps.create_step(
-        run_id="step-run",
-        step_id="research",
-        attempt=2,
-        agent_name="researcher",
-        correlation_id="step-run/research/2",
-        started_at=T0 + timedelta(seconds=5),
-    )
-    assert steps.update_step(
-        "step-run/research/1",
-        StepStatus.FAILED,
-        error={"kind": "timeout", "message": "late"},
-        completed_at=T0 + timedelta(seconds=4),
-    )
-    assert steps.update_step("step-run/research/2", StepStatus.COMPLETED, output_data={"notes": "n"})
-    assert not steps.update_step("nope", StepStatus.COMPLETED)
-
-    rows = steps.get_steps_by_run_id("step-run")
-    assert [(r.step_id, r.attempt, r.status) for r in rows] == [
-        ("research", 1, "FAILED"),
-        ("research", 2, "COMPLETED"),
+    assert [r.run_id for r in runs.list_runs(workflow_id="research-and-summarize", limit=2, offset=1)] == [
+        "list-2",
+        "list-0",
     ]
-    assert rows[0].error == {"kind": "timeout", "message": "late"}
-    assert rows[0].completed_at == T0 + timedelta(seconds=4)
-    assert rows[1].completed_at is not None
-    assert rows[1].output_data == {"notes": "n"}
+    assert [r.run_id for r in runs.list_runs(workflow_id="other-flow")] == ["list-3", "list-1"]
+    assert all(r.steps == () for r in runs.list_runs(workflow_id="other-flow")), "a listing reads no attempts"
+
+
+def test_attempts_are_read_back_in_order(engine: Engine) -> None:
+    runs, snapshots = WorkflowRepository(engine), SnapshotRepository(engine)
+    history = _history("step-run")
+    snapshots.upsert([history[1]])  # research/1 failed, research/2 waits for its delayed dispatch
+    snapshots.upsert([history[1]])  # the same snapshot again changes nothing
+    record = runs.get_run("step-run")
+    assert record is not None
+    assert [(r.step_id, r.attempt, r.status) for r in record.steps] == [
+        ("research", 1, "FAILED"),
+        ("research", 2, "PENDING"),
+    ]
+    snapshots.upsert([history[-1]])
 
     record = runs.get_run("step-run")
     assert record is not None
-    assert [s.attempt for s in record.steps] == [1, 2]
+    rows = record.steps
+    assert [(r.step_id, r.iteration, r.item, r.attempt, r.status) for r in rows] == [
+        ("research", 1, None, 1, "FAILED"),
+        ("research", 1, None, 2, "COMPLETED"),
+        ("summarize", 1, None, 1, "COMPLETED"),
+    ]
+    assert [r.correlation_id for r in rows] == ["step-run/research/1", "step-run/research/2", "step-run/summarize/1"]
+    assert rows[0].error == {"kind": "http_status", "message": "503 from agent", "retriable": True}
+    assert rows[0].started_at == T0
+    assert rows[0].completed_at == T0 + timedelta(seconds=1)
+    assert rows[1].started_at == T0 + timedelta(seconds=2)  # the retry's delay: 1 s
+    assert rows[1].completed_at == T0 + timedelta(seconds=3)
+    assert rows[1].input_data == {"topic": "kafka"}
+    assert rows[1].output_data == {"notes": "streams"}
+    assert rows[1].error is None
+    assert rows[2].input_data == {"text": "streams"}
+    assert {r.agent_name for r in rows} == {"researcher", "summarizer"}
 
 
-def test_step_for_unknown_run_is_refused(engine: Engine) -> None:
-    with pytest.raises(IntegrityError):
-        StepRepository(engine).create_step(
-            run_id="ghost", step_id="s", attempt=1, agent_name="a", correlation_id="ghost/s/1"
+def test_an_attempt_row_of_an_unknown_run_is_refused(engine: Engine) -> None:
+    # The snapshot upsert always writes the run first; the foreign key guards any other writer.
+    with pytest.raises(IntegrityError), Session(engine) as session, session.begin():
+        session.add(
+            StepExecution(
+                run_id="ghost",
+                step_id="s",
+                attempt=1,
+                agent_name="a",
+                status="RUNNING",
+                correlation_id="ghost/s/1",
+                run_version=1,
+            )
         )
+
+
+def test_a_refused_submission_is_recorded_once_without_a_state(engine: Engine) -> None:
+    runs = WorkflowRepository(engine)
+    plan = _plan().model_dump(mode="json")
+    assert runs.record_rejected("refused-run", kind="invalid_submission", message="bad", plan=plan, at=T0)
+    assert not runs.record_rejected("refused-run", kind="invalid_submission", message="other", at=T0)
+    record = runs.get_run("refused-run")
+    assert record is not None
+    assert (record.status, record.version, record.workflow_id, record.workflow_version) == (
+        "FAILED",
+        0,
+        "research-and-summarize",
+        "1.0",
+    )
+    assert record.error == {"kind": "invalid_submission", "message": "bad", "details": None}
+    assert record.steps == ()
+    assert record.state is None
+    assert record.submission_fingerprint() is None
+    assert runs.get_state("refused-run") is None
+    # The view of it (built from its row) has the fields of a live run's.
+    live = state_view(_history("refused-live")[-1])
+    view = record_view(record)
+    assert set(view) == set(live)
+    assert view["steps"] == []
+    # A run that ran is not replaced by a refusal of a later copy.
+    SnapshotRepository(engine).upsert([_history("ran-run")[-1]])
+    assert not runs.record_rejected("ran-run", kind="invalid_submission", message="late copy")
+    ran = runs.get_run("ran-run")
+    assert ran is not None
+    assert ran.status == "COMPLETED"
 
 
 # ---------------------------------------------------------- snapshot upsert
@@ -331,6 +403,54 @@ def test_upsert_is_idempotent_and_never_goes_back(engine: Engine) -> None:
             ("research", 2, "COMPLETED", 3),
             ("summarize", 1, "RUNNING", 3),
         ]
+
+
+def test_upsert_records_every_iteration_and_item_and_keeps_them_up_to_date(engine: Engine) -> None:
+    runs, snapshots = WorkflowRepository(engine), SnapshotRepository(engine)
+    loop = drive(loop_plan(), loop_answer(approve_at=2), run_id="loop-run")
+    mapped = drive(map_plan(), map_answer, {"n": 4}, run_id="map-run")
+    # Every state in turn, as the checkpointer writes them: a row is updated in place (by its correlation id).
+    for state in [*loop, *mapped]:
+        snapshots.upsert([state])
+
+    record = runs.get_run("loop-run")
+    assert record is not None
+    assert record.status == "COMPLETED"
+    assert [(r.step_id, r.iteration, r.item, r.attempt, r.status) for r in record.steps] == [
+        ("write", 1, None, 1, "COMPLETED"),
+        ("review", 1, None, 1, "COMPLETED"),
+        ("write", 2, None, 1, "COMPLETED"),
+        ("review", 2, None, 1, "FAILED"),
+        ("review", 2, None, 2, "COMPLETED"),
+        ("publish", 1, None, 1, "COMPLETED"),
+    ]
+    assert [r.correlation_id for r in record.steps][2:5] == [
+        "loop-run/write@2/1",
+        "loop-run/review@2/1",
+        "loop-run/review@2/2",
+    ]
+    assert all(r.run_version == loop[-1].version for r in _rows(engine, "loop-run"))
+
+    record = runs.get_run("map-run")
+    assert record is not None
+    each = [r for r in record.steps if r.step_id == "each"]
+    assert [(r.iteration, r.item, r.attempt, r.status) for r in each] == [(1, i, 1, "COMPLETED") for i in range(4)]
+    assert [r.input_data for r in each] == [{"doc": f"doc-{i}", "index": i} for i in range(4)]
+    assert [r.output_data for r in each] == ["DOC-0!", "DOC-1!", "DOC-2!", "DOC-3!"]
+    assert record_view(record) == {**state_view(mapped[-1]), "source": "record"}
+
+    # An older snapshot arriving late brings no row back (item 2 was RUNNING in it).
+    snapshots.upsert([mapped[2]])
+    again = runs.get_run("map-run")
+    assert again is not None
+    assert again.steps == record.steps
+
+
+def _rows(engine: Engine, run_id: str) -> list[StepExecution]:
+    with Session(engine) as session:
+        return list(
+            session.scalars(select(StepExecution).where(StepExecution.run_id == run_id).order_by(StepExecution.id))
+        )
 
 
 def test_versions_are_read_in_pages_and_unrecorded_runs_are_absent(engine: Engine) -> None:
@@ -439,7 +559,9 @@ def test_upsert_records_dispatch_and_deadline_times(engine: Engine) -> None:
     assert state is not None
     dispatch = next(e for e in effects if isinstance(e, DispatchTask))
     SnapshotRepository(engine).upsert([state])
-    (row,) = StepRepository(engine).get_steps_by_run_id("times-run")
+    record = WorkflowRepository(engine).get_run("times-run")
+    assert record is not None
+    (row,) = record.steps
     assert row.started_at == T0
     assert row.deadline == dispatch.task.deadline
     assert row.correlation_id == dispatch.task.correlation_id == "times-run/research/1"
