@@ -36,7 +36,7 @@ from typing import Any, Final, NamedTuple
 import aiohttp
 import faust
 from faust import web
-from faust.types import EventT, Message, StreamT
+from faust.types import EventT, Message, StreamT, TopicT
 from mode import BaseSignalT, Service
 
 from agents_bridge.calls import AgentCaller, CallSettings
@@ -325,11 +325,11 @@ class BridgeApp(SwitchyardApp):
     settings: Settings
     bridge: Bridge
     intake: Intake[Taken]
-    tasks_topic: Any
-    cancels_topic: Any
-    results_topic: Any
-    monitoring_topic: Any
-    deadletter_topic: Any
+    tasks_topic: TopicT
+    cancels_topic: TopicT
+    results_topic: TopicT
+    monitoring_topic: TopicT
+    deadletter_topic: TopicT
 
     async def on_first_start(self) -> None:
         """Wait for the broker before Faust tries to reach it."""

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import aiohttp
@@ -35,7 +35,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 
 from agents_bridge.a2a import Completed, parse_response, request_headers, send_message_request
 from bench.harness import logs_tail, start_producer, wait_progress, wait_serving
-from bench.workload import RunRow, StepRow, Workload, chain_plan, step_id, step_input
+from bench.workload import RunRow, StepRow, Workload, chain_plan, step_gap_figures, step_id, step_input
 from models.messages import AgentTask, WorkflowSubmission, correlation_id, encode, utcnow
 from models.plan import WorkflowPlan
 from switchyard import topics
@@ -132,6 +132,13 @@ class System:
     async def totals(self) -> tuple[int, int]:
         """How many runs and step executions the system has recorded in all."""
         raise NotImplementedError
+
+    async def step_gaps(self, run_ids: Sequence[str], steps: int) -> dict[str, float | None]:
+        """The median time from a step's start to the next's, over the first and the last five steps (ms).
+
+        Empty when the system does not record when each step started.
+        """
+        return {}
 
     def trouble(self) -> str | None:
         """Why the system cannot make progress (a process of the stack died), or None."""
@@ -586,6 +593,20 @@ class SwitchyardSystem(System):
         wait_progress(
             self.stack, "runs and steps in PostgreSQL", written, goal, timeout_s=self.timeout_s, stall_s=self.stall_s
         )
+
+    async def step_gaps(self, run_ids: Sequence[str], steps: int) -> dict[str, float | None]:
+        """From ``step_executions``: when each step's attempt was dispatched, which is when the step before ended."""
+        if steps < 12:
+            return {}
+        ids = {"ids": list(run_ids)}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("select run_id, step_id, started_at from step_executions where run_id = any(:ids)"), ids
+            ).all()
+        started: dict[str, dict[str, datetime]] = {}
+        for run_id, step, at in rows:
+            started.setdefault(str(run_id), {})[str(step)] = at
+        return step_gap_figures(started, steps)
 
     async def records(self, run_ids: Sequence[str]) -> tuple[list[RunRow], list[StepRow]]:
         """Its ``workflow_runs`` and ``step_executions`` rows."""

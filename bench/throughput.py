@@ -27,7 +27,10 @@ shape (``--warm-up`` runs, not counted):
 * W1: ``--w1-runs`` runs of 3 steps, ``--in-flight`` at once (a new one as one ends);
 * W2: ``--w2-runs`` one-step runs on ``echo-slow``, all submitted at once
   (makespan, and the peak of calls in flight at the agent);
-* W3: ``--w3-runs`` runs of ``--w3-steps`` steps, ``--in-flight`` at once.
+* W3: ``--w3-runs`` runs of ``--w3-steps`` steps (50), ``--in-flight`` at once. Besides its
+  throughput, the time from one step's start to the next's, over the first five
+  steps and over the last five: a step late in a long run must cost what an early
+  one does (Switchyard only: the baselines do not record when each step started).
 
 Latency is from submission to the end seen by the bench. CPU is read from
 /proc (psutil) for every process, PostgreSQL with all its backends (exited
@@ -161,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--w2-runs", type=int, help="W2 one-step runs, all at once (default 500)")
     add("--w3-runs", type=int, help="W3 runs (default 200)")
     add("--steps", type=int, default=3, help="steps of the W0 and W1 runs (default 3)")
-    add("--w3-steps", type=int, default=20, help="steps of the W3 runs (default 20)")
+    add("--w3-steps", type=int, default=50, help="steps of the W3 runs (default 50)")
     add("--in-flight", type=int, default=64, help="runs in flight in W1 and W3 (default 64)")
     add("--w2-delay", type=float, default=1.0, help="seconds the slow agent takes in W2 (default 1)")
     add("--warm-up", type=int, help="runs of each workload's warm-up (default 10)")
@@ -216,6 +219,7 @@ class WorkloadFigures:
     cpu_ms_per_step: dict[str, float] = field(default_factory=dict)
     own_cpu_ms_per_step: float = 0.0
     all_cpu_ms_per_step: float = 0.0
+    step_gap_ms: dict[str, float | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -527,6 +531,7 @@ class ThroughputBench:
             result.own_cpu_ms_per_step = own_total(result.cpu_ms_per_step, system.own_groups)
             result.all_cpu_ms_per_step = own_total(result.cpu_ms_per_step, every_group(system))
         result.problems = self.check(system, workload, ids, driven, result.agent_calls)
+        result.step_gap_ms = self.call(system.step_gaps(ids, workload.steps))
         return result
 
     def check(self, system: System, workload: Workload, ids: list[str], driven: Driven, calls: int) -> list[str]:
@@ -609,6 +614,14 @@ def _w3_over_w1(system: SystemFigures) -> float | None:
     return w3.steps_per_s / w1.steps_per_s
 
 
+def _late_over_early(system: SystemFigures) -> float | None:
+    w3 = system.workloads.get("W3")
+    if w3 is None:
+        return None
+    early, late = w3.step_gap_ms.get("first"), w3.step_gap_ms.get("last")
+    return late / early if early and late is not None else None
+
+
 SUMMARY: Final = (
     Row("W0 run latency p50", "ms", _workload("W0", lambda w: w.latency_ms.get("p50"))),
     Row("W1 steps/s", "steps/s", _workload("W1", lambda w: w.steps_per_s)),
@@ -618,6 +631,19 @@ SUMMARY: Final = (
     Row("W2 peak calls in flight at the agent", "calls", _workload("W2", lambda w: w.agent_peak_in_flight), 0),
     Row("W3 steps/s", "steps/s", _workload("W3", lambda w: w.steps_per_s)),
     Row("W3 steps/s / W1 steps/s", "", _w3_over_w1, 2),
+    Row(
+        "W3 time from a step to the next, first 5 steps (median)",
+        "ms",
+        _workload("W3", lambda w: w.step_gap_ms.get("first")),
+        2,
+    ),
+    Row(
+        "W3 time from a step to the next, last 5 steps (median)",
+        "ms",
+        _workload("W3", lambda w: w.step_gap_ms.get("last")),
+        2,
+    ),
+    Row("W3 last steps / first steps", "", _late_over_early, 2),
     Row("W1 system's own CPU per step", "ms", _workload("W1", lambda w: w.own_cpu_ms_per_step), 2),
     Row("W1 CPU per step, every process", "ms", _workload("W1", lambda w: w.all_cpu_ms_per_step), 2),
     Row("CPU at rest, system's own", "cores", lambda s: s.rest.own_cores if s.rest else None, 3),

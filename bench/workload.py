@@ -14,10 +14,12 @@ read their records and hand them to the checks.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from models.plan import WorkflowPlan, load_plan
@@ -32,6 +34,7 @@ __all__ = [
     "check_runs",
     "expected_output",
     "ms_per_step",
+    "step_gap_figures",
     "percentile",
     "ratio",
     "step_id",
@@ -250,6 +253,28 @@ def ratio(value: float | None, base: float | None, *, least: float = 1e-9) -> st
         return "-"
     share = value / base
     return f"{share:.3g}x" if abs(share) < 100 else f"{share:.0f}x"
+
+
+def step_gap_figures(
+    started: Mapping[str, Mapping[str, datetime]], steps: int, span: int = 5
+) -> dict[str, float | None]:
+    """The median time from step k's start to step k+1's (ms), over the first and the last ``span`` gaps of each run.
+
+    Args:
+        started: For each run, when each step (``s1``, ``s2``, ...) started.
+        steps: Steps per run.
+        span: How many gaps at each end.
+    """
+    first: list[float] = []
+    last: list[float] = []
+    for times in started.values():
+        at = [times.get(step_id(k)) for k in range(1, steps + 1)]
+        if any(t is None for t in at):
+            continue
+        gaps = [(b - a).total_seconds() * 1000 for a, b in itertools.pairwise(at) if a and b]
+        first.extend(gaps[:span])
+        last.extend(gaps[-span:])
+    return {"first": percentile(first, 50), "last": percentile(last, 50)}
 
 
 def ms_per_step(seconds: Mapping[str, float], steps: int) -> dict[str, float]:

@@ -227,6 +227,7 @@ class ControlCommand(StrEnum):
     RESUME = "resume"
     RESTORE = "restore"
     STEP_TIMEOUT = "step_timeout"
+    EVICT = "evict"
 
 
 class ControlMessage(Message):
@@ -234,9 +235,10 @@ class ControlMessage(Message):
 
     Users send ``cancel``, ``retry`` and ``resume`` (rebuild the run from its
     PostgreSQL checkpoint if the executor lost it, and re-dispatch what is in
-    flight). The executor sends itself ``step_timeout`` from its timers and
-    ``restore`` after a rebalance (tables are only written by agents, so a
-    timer sends an event instead of changing the run itself).
+    flight). The executor sends itself ``step_timeout`` from its timers,
+    ``restore`` after a rebalance and ``evict`` when a finished run's
+    retention is over (tables are only written by agents, so a timer sends an
+    event instead of changing the run itself).
     """
 
     run_id: RunId

@@ -19,7 +19,7 @@ from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaDat
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["AgentRecord", "Base", "StepExecution", "WorkflowRun"]
+__all__ = ["AgentRecord", "Base", "RunExecution", "StepExecution", "WorkflowRun"]
 
 # Stable constraint names, so migrations and error messages can refer to them.
 _NAMING = {
@@ -100,6 +100,21 @@ class StepExecution(Base):
         UniqueConstraint("run_id", "step_id", "iteration", "item", "attempt", postgresql_nulls_not_distinct=True),
         Index("ix_step_executions_run_id", "run_id"),
     )
+
+
+class RunExecution(Base):
+    """One execution (step, iteration, item) of a run, whole: what a run lost by the executor is rebuilt from.
+
+    ``workflow_runs.state`` holds the run without its executions (their keys,
+    in order); each execution is here, written when it changes.
+    """
+
+    __tablename__ = "run_executions"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("workflow_runs.run_id", ondelete="CASCADE"), primary_key=True)
+    execution_key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    record: Mapped[Any] = mapped_column(JSONB)
+    run_version: Mapped[int] = mapped_column(BigInteger, doc="RunState.version this row was written from.")
 
 
 class AgentRecord(Base):

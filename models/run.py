@@ -35,6 +35,7 @@ Rules this module keeps (docs/architecture.md, "The run state machine"):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TypeAlias
 
@@ -83,6 +84,7 @@ from models.run_state import (
     StepState,
     StepStatus,
     execution_key,
+    step_output,
 )
 
 __all__ = [
@@ -305,6 +307,7 @@ class _Draft:
         self.fields: dict[str, object] = {}
         self.effects: list[Effect] = []
         self.filling: set[str] = set()
+        self.touched: set[str] = set()
 
     @property
     def status(self) -> RunStatus:
@@ -319,6 +322,7 @@ class _Draft:
             self.steps[item.step_id] = item
         else:
             self.executions[item.key] = item
+            self.touched.add(item.key)
 
     def build(self) -> RunState:
         return self.state.model_copy(
@@ -334,10 +338,12 @@ class _Draft:
         new = self.build().model_copy(update={"version": self.state.version + 1})
         # One checkpoint per change, of the final state, after the other effects
         # that describe it (the snapshot is the durable record of all of them).
-        return new, [*self.effects, Checkpoint(state=new)]
+        before = self.state.executions
+        changed = frozenset(k for k in self.touched if before.get(k) != self.executions.get(k))
+        return new, [*self.effects, Checkpoint(state=new, changed=changed)]
 
     def context(self, execution: Execution | None = None) -> MappingContext:
-        outputs = {s.step_id: s.output for s in self.steps.values() if s.has_output}
+        outputs = _Outputs(self.steps, self.executions)
         if execution is None or execution.item is None:
             return MappingContext(workflow_input=self.state.input, step_outputs=outputs)
         items = self.steps[execution.step_id].items or ()
@@ -366,6 +372,32 @@ class _Draft:
 
 
 # ------------------------------------------------------------------- handlers
+
+
+class _Outputs(Mapping[str, JsonValue]):
+    """The steps' latest outputs, as mappings read them: each looked up only when a placeholder names it."""
+
+    def __init__(self, steps: Mapping[str, StepState], executions: Mapping[str, Execution]) -> None:
+        self._steps = steps
+        self._executions = executions
+        self._read: dict[str, JsonValue] = {}
+
+    def __contains__(self, step_id: object) -> bool:
+        step = self._steps.get(step_id) if isinstance(step_id, str) else None
+        return step is not None and step.has_output
+
+    def __getitem__(self, step_id: str) -> JsonValue:
+        if step_id not in self:
+            raise KeyError(step_id)
+        if step_id not in self._read:
+            self._read[step_id] = step_output(self._steps[step_id], self._executions)
+        return self._read[step_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return (s for s, step in self._steps.items() if step.has_output)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _on_submitted(state: RunState | None, event: RunSubmitted) -> Outcome:
@@ -503,7 +535,8 @@ def _signal(draft: _Draft, source: str | None, target: str, *, chosen: bool) -> 
                 "skip_reason": _NOT_CHOSEN,
                 "completed_at": draft.at,
                 "has_output": False,
-                "output": None,
+                "output_key": None,
+                "output_items": None,
             }
         )
         draft.put(step)
@@ -531,7 +564,7 @@ def _start(draft: _Draft, step_id: str) -> None:
         step = step.model_copy(update={"items": tuple(items), "next_item": 0, "open_items": 0})
         draft.put(step)
     if not step.items:
-        _step_done(draft, step_id, [])
+        _step_done(draft, step_id, execution_key(step_id, step.iteration), items=0)
         return
     _fill_map(draft, step_id)
 
@@ -619,14 +652,7 @@ def _fill_map(draft: _Draft, step_id: str) -> None:
         or step.next_item < len(step.items)
     ):
         return
-    outputs: list[JsonValue] = []
-    for index in range(len(step.items)):
-        execution = draft.executions[execution_key(step_id, step.iteration, index)]
-        if execution.status is StepStatus.FAILED and execution.error is not None:
-            outputs.append({"error": {"kind": execution.error.kind, "message": execution.error.message}})
-        else:
-            outputs.append(execution.output)
-    _step_done(draft, step_id, outputs)
+    _step_done(draft, step_id, execution_key(step_id, step.iteration), items=len(step.items))
 
 
 def _open_execution(draft: _Draft, step: StepState, item: int | None) -> None:
@@ -692,7 +718,6 @@ def _succeed(draft: _Draft, execution: Execution, attempt: Attempt, output: Json
         update={
             "status": StepStatus.COMPLETED,
             "attempts": (*execution.attempts[:-1], done),
-            "output": output,
             "error": None,
             "next_attempt_at": None,
             "completed_at": draft.at,
@@ -700,27 +725,30 @@ def _succeed(draft: _Draft, execution: Execution, attempt: Attempt, output: Json
     )
     draft.put(execution)
     draft.monitor(StepStatus.COMPLETED, execution)
-    _execution_ended(draft, execution, output)
+    _execution_ended(draft, execution)
 
 
-def _execution_ended(draft: _Draft, execution: Execution, output: JsonValue, *, skipped: bool = False) -> None:
+def _execution_ended(draft: _Draft, execution: Execution, *, skipped: bool = False) -> None:
     """An execution ended with an output (done, or skipped by its recovery policy): its step goes on."""
     if execution.item is None:
-        _step_done(draft, execution.step_id, output, skipped=skipped)
+        _step_done(draft, execution.step_id, execution.key, skipped=skipped)
         return
     step = draft.steps[execution.step_id]
     draft.put(step.model_copy(update={"open_items": step.open_items - 1}))
     _fill_map(draft, execution.step_id)
 
 
-def _step_done(draft: _Draft, step_id: str, output: JsonValue, *, skipped: bool = False) -> None:
-    """A step has its output: decide its loop and its routes, then tell the steps after it."""
+def _step_done(
+    draft: _Draft, step_id: str, output_key: str, *, items: int | None = None, skipped: bool = False
+) -> None:
+    """A step has its output (in ``output_key``, or its items): decide its loop and routes, then lead on."""
     plan_step = draft.plan.steps[step_id]
     step = draft.steps[step_id].model_copy(
         update={
             "status": StepStatus.SKIPPED if skipped else StepStatus.COMPLETED,
             "has_output": True,
-            "output": output,
+            "output_key": output_key,
+            "output_items": items,
             "error": None,
             "completed_at": draft.at,
         }
@@ -789,6 +817,10 @@ def _next_iteration(draft: _Draft, loop_step: str) -> None:
     for member in draft.graph.bodies[loop_step]:
         old = draft.steps.get(member)
         plan_step = draft.plan.steps[member]
+        past: tuple[int, ...] = ()
+        if plan_step.map is not None:  # the items each iteration started: where their executions are
+            past = (*(old.past_items if old else ()), old.next_item if old else 0)
+            past = (0,) * (iteration - 1 - len(past)) + past
         draft.put(
             StepState(
                 step_id=member,
@@ -796,7 +828,9 @@ def _next_iteration(draft: _Draft, loop_step: str) -> None:
                 status=StepStatus.PENDING,
                 iteration=iteration,
                 has_output=old.has_output if old else False,
-                output=old.output if old else None,
+                output_key=old.output_key if old else None,
+                output_items=old.output_items if old else None,
+                past_items=past,
             )
         )
     draft.monitor("ITERATION", step_id=loop.back_to, iteration=iteration, loop=loop_step)
@@ -817,7 +851,7 @@ def _finish_if_done(draft: _Draft) -> None:
             return
     else:
         last = draft.steps.get(draft.last_step or "")
-        output = last.output if last is not None and last.has_output else None
+        output = step_output(last, draft.executions) if last is not None else None
     _finish(draft, RunStatus.COMPLETED, output=output)
 
 
@@ -865,14 +899,14 @@ def _fail_attempt(draft: _Draft, execution: Execution, attempt: Attempt, error: 
         execution = execution.model_copy(
             update={
                 "status": StepStatus.SKIPPED,
-                "output": recovery.default_output,
+                "default_output": recovery.default_output,
                 "next_attempt_at": None,
                 "completed_at": draft.at,
             }
         )
         draft.put(execution)
         draft.monitor(StepStatus.SKIPPED, execution, error=error.message, kind=error.kind, why=why)
-        _execution_ended(draft, execution, recovery.default_output, skipped=True)
+        _execution_ended(draft, execution, skipped=True)
         return
     _execution_failed(draft, execution, error, why=why)
 

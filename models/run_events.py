@@ -158,11 +158,16 @@ class PublishMonitoring(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    """Write this snapshot to PostgreSQL."""
+    """Write this snapshot to PostgreSQL.
+
+    ``changed`` names the executions this change touched (their attempt rows
+    are the ones to write); None means all of them.
+    """
 
     model_config = _FROZEN
 
     state: RunState
+    changed: frozenset[str] | None = None
 
 
 class RunFinished(BaseModel):

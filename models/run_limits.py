@@ -287,14 +287,14 @@ def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
 
     def execution(e: Execution) -> Execution:
         attempts = tuple(a.model_copy(update={"input": small(a.input), "output": small(a.output)}) for a in e.attempts)
-        return e.model_copy(update={"attempts": attempts, "output": small(e.output)})
+        return e.model_copy(update={"attempts": attempts, "default_output": small(e.default_output)})
 
     steps = {}
     for step_id, step in state.steps.items():
         items = step.items
         if items is not None and not _is_dropped(list(items)) and _json_size(list(items)) > keep:
             items = tuple(small(i) for i in items)
-        steps[step_id] = step.model_copy(update={"output": small(step.output), "items": items})
+        steps[step_id] = step.model_copy(update={"items": items})
     executions = {k: execution(e) for k, e in state.executions.items()}
     run_input = state.input
     if run_input and not _is_dropped(run_input) and _json_size(run_input) > keep:

@@ -16,6 +16,7 @@ Pure data: the transitions live in :mod:`models.run`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "StepState",
     "StepStatus",
     "execution_key",
+    "step_output",
 ]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -53,7 +55,7 @@ class RunStatus(StrEnum):
     @property
     def finished(self) -> bool:
         """Whether the run has reached an end (a retry may reopen FAILED)."""
-        return self in {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+        return self in _RUN_ENDS
 
 
 class StepStatus(StrEnum):
@@ -76,7 +78,11 @@ class StepStatus(StrEnum):
     @property
     def finished(self) -> bool:
         """Whether nothing more will happen to it."""
-        return self in {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+        return self in _STEP_ENDS
+
+
+_RUN_ENDS = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+_STEP_ENDS = frozenset({StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.SKIPPED})
 
 
 class AgentPolicy(BaseModel):
@@ -169,10 +175,21 @@ class Execution(BaseModel):
         None, description="Set when the recovery policy moved the execution to another agent."
     )
     next_attempt_at: AwareDatetime | None = None
-    output: JsonValue = None
+    default_output: JsonValue = Field(
+        None,
+        description="The output the recovery policy gave a SKIPPED execution (a completed one's is its attempt's).",
+    )
     error: AgentError | None = None
     started_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
+
+    @property
+    def output(self) -> JsonValue:
+        """Its output: the completed attempt's, or the recovery policy's default (each stored once)."""
+        if self.status is StepStatus.SKIPPED:
+            return self.default_output
+        current = self.current
+        return current.output if self.status is StepStatus.COMPLETED and current is not None else None
 
     @property
     def key(self) -> str:
@@ -202,12 +219,20 @@ class StepState(BaseModel):
     arrived: tuple[str, ...] = Field((), description="The steps leading here that have finished, this iteration.")
     chosen_by: tuple[str, ...] = Field((), description="Those of them that chose this step (a route taken).")
     has_output: bool = Field(False, description="Whether later steps can read its output (the latest iteration's).")
-    output: JsonValue = None
+    output_key: str | None = Field(
+        None,
+        description="The execution whose output is the step's; for a map step, of its items (the output is theirs, "
+        "in order): the output is stored once, in the execution.",
+    )
+    output_items: int | None = Field(None, ge=0, description="A map step's item count in that iteration.")
     error: AgentError | None = None
     skip_reason: str | None = None
     items: tuple[JsonValue, ...] | None = Field(None, description="A map step's list, once read.")
     next_item: int = Field(0, ge=0, description="A map step's next item to start.")
     open_items: int = Field(0, ge=0, description="A map step's items in flight.")
+    past_items: tuple[int, ...] = Field(
+        (), description="A map step in a loop: how many items each earlier iteration started."
+    )
     started_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
 
@@ -256,6 +281,11 @@ class RunState(BaseModel):
             iteration = step.iteration if step is not None else 1
         return self.executions.get(execution_key(step_id, iteration, item))
 
+    def output_of(self, step_id: str) -> JsonValue:
+        """A step's latest output (None when it has none): read from its execution, or its items, in order."""
+        step = self.steps.get(step_id)
+        return None if step is None else step_output(step, self.executions)
+
     def open_executions(self) -> list[Execution]:
         """The executions that have not finished, in the order they started."""
         return [e for e in self.executions.values() if not e.status.finished]
@@ -272,6 +302,23 @@ class RunState(BaseModel):
             and current.number == attempt
             and not current.status.finished
         )
+
+
+def step_output(step: StepState, executions: Mapping[str, Execution]) -> JsonValue:
+    """What :meth:`RunState.output_of` reads, for a state still being built (``executions`` of a draft)."""
+    if not step.has_output or step.output_key is None:
+        return None
+    if step.output_items is None:
+        execution = executions.get(step.output_key)
+        return execution.output if execution is not None else None
+    outputs: list[JsonValue] = []
+    for index in range(step.output_items):
+        execution = executions.get(f"{step.output_key}[{index}]")
+        if execution is not None and execution.status is StepStatus.FAILED and execution.error is not None:
+            outputs.append({"error": {"kind": execution.error.kind, "message": execution.error.message}})
+        else:
+            outputs.append(execution.output if execution is not None else None)
+    return outputs
 
 
 def _upgrade_chain_state(data: dict[str, Any]) -> dict[str, Any]:
@@ -292,7 +339,7 @@ def _upgrade_chain_state(data: dict[str, Any]) -> dict[str, Any]:
             "first_attempt_of_round": old.get("first_attempt_of_round", 1),
             "fallback_agent": old.get("fallback_agent"),
             "next_attempt_at": old.get("next_attempt_at"),
-            "output": old.get("output"),
+            "default_output": old.get("output") if status == StepStatus.SKIPPED else None,
             "error": old.get("error"),
             "started_at": old.get("started_at"),
             "completed_at": old.get("completed_at"),
@@ -302,7 +349,7 @@ def _upgrade_chain_state(data: dict[str, Any]) -> dict[str, Any]:
             "agent_name": old.get("agent_name"),
             "status": status,
             "has_output": status in {StepStatus.COMPLETED, StepStatus.SKIPPED},
-            "output": old.get("output"),
+            "output_key": execution_key(step_id),
             "error": old.get("error"),
             "started_at": old.get("started_at"),
             "completed_at": old.get("completed_at"),

@@ -15,11 +15,11 @@ goes on (docs/architecture.md rule 4).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from faust.types import EventT, StreamT
+from faust.types import EventT, StreamT, TableT, TopicT
 
 from models.agents import AgentEntry
 from models.messages import (
@@ -66,14 +66,14 @@ class ExecutorApp(SwitchyardApp):
     checkpointer: Checkpointer
     timers: Timers
     shell: RunShell
-    runs: Any
-    plans_topic: Any
-    results_topic: Any
-    control_topic: Any
-    tasks_topic: Any
-    cancels_topic: Any
-    monitoring_topic: Any
-    deadletter_topic: Any
+    runs: TableT[bytes, bytes]
+    plans_topic: TopicT
+    results_topic: TopicT
+    control_topic: TopicT
+    tasks_topic: TopicT
+    cancels_topic: TopicT
+    monitoring_topic: TopicT
+    deadletter_topic: TopicT
     recovery: PartitionRecovery
 
     async def on_first_start(self) -> None:
@@ -102,6 +102,9 @@ class _Records:
     def get_state(self, run_id: str) -> RunState | None:
         return WorkflowRepository(self._database.engine).get_state(run_id)
 
+    def versions(self, run_ids: Iterable[str]) -> dict[str, int]:
+        return WorkflowRepository(self._database.engine).versions(run_ids)
+
     def record_rejected(self, run_id: str, *, kind: str, message: str, plan: Any = None) -> bool:
         return WorkflowRepository(self._database.engine).record_rejected(run_id, kind=kind, message=message, plan=plan)
 
@@ -126,7 +129,7 @@ def _event_from_control(message: ControlMessage) -> Event:
         return CancelRequested(run_id=message.run_id, at=at, reason=message.reason or "cancelled by request")
     if message.command is ControlCommand.RETRY:
         return RetryRequested(run_id=message.run_id, at=at)
-    # RESTORE and RESUME are handled before this; what is left is a step timeout.
+    # RESTORE, RESUME and EVICT are handled before this; what is left is a step timeout.
     assert message.step_id is not None  # checked by ControlMessage
     assert message.attempt is not None
     return StepTimedOut(
@@ -195,6 +198,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         registry=CachedRegistry(_Registry(app.database), settings.registry_cache_ttl_s),
         default_timeout_s=settings.default_step_timeout_s,
         resume_grace_s=settings.resume_grace_s,
+        retention_s=settings.finished_run_retention_s,
         app_name=APP_ID,
         max_message_bytes=settings.max_message_bytes,
     )
@@ -257,6 +261,9 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         if message.command in {ControlCommand.RESTORE, ControlCommand.RESUME}:
             if not await app.shell.restore_or_resume(message.run_id, origin):
                 await app.shell.park(topics.CONTROL, key, value, f"no run {message.run_id!r} to {message.command}")
+            return
+        if message.command is ControlCommand.EVICT:
+            await app.shell.evict(message.run_id)
             return
         await app.shell.handle(_event_from_control(message), origin)
 

@@ -19,7 +19,7 @@ from mode import Service
 
 from models.run import RunState
 from switchyard.database import Database
-from switchyard.db import SnapshotRepository
+from switchyard.db import Snapshot, SnapshotRepository
 
 __all__ = ["Checkpointer"]
 
@@ -50,7 +50,7 @@ class Checkpointer(Service):
         self.interval_s = interval_s
         self.batch_size = batch_size
         self.max_backoff_s = max_backoff_s
-        self._pending: dict[str, RunState] = {}
+        self._pending: dict[str, Snapshot] = {}
         self._wakeup = asyncio.Event()
         self._flushing = asyncio.Lock()
         self.written = 0
@@ -58,11 +58,17 @@ class Checkpointer(Service):
         self.last_error: str | None = None
         super().__init__(**kwargs)
 
-    def put(self, state: RunState) -> None:
-        """Queue a snapshot; a newer one of the same run replaces it. Never blocks."""
+    def put(self, state: RunState, changed: frozenset[str] | None = None) -> None:
+        """Queue a snapshot; a newer one of the same run replaces it, keeping both's changes. Never blocks.
+
+        Args:
+            state: The run's state.
+            changed: The executions that changed since the last snapshot put
+                (None: all of them, as for a run's first snapshot).
+        """
+        snapshot = Snapshot(state, changed)
         kept = self._pending.get(state.run_id)
-        if kept is None or kept.version <= state.version:
-            self._pending[state.run_id] = state
+        self._pending[state.run_id] = snapshot if kept is None else kept.merged(snapshot)
         if len(self._pending) >= self.batch_size:
             self._wakeup.set()
 
@@ -90,12 +96,11 @@ class Checkpointer(Service):
                 # (also when cancelled: the write may not have happened, and
                 # writing it again is harmless, the upsert being idempotent).
                 done = error.written if isinstance(error, _PartlyWritten) else set()
-                for run_id, state in batch.items():
+                for run_id, snapshot in batch.items():
                     if run_id in done:
                         continue
                     newer = self._pending.get(run_id)
-                    if newer is None or newer.version < state.version:
-                        self._pending[run_id] = state
+                    self._pending[run_id] = snapshot if newer is None else snapshot.merged(newer)
                 if isinstance(error, Exception):
                     self.failures += 1
                     self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -104,7 +109,7 @@ class Checkpointer(Service):
             self.last_error = None
             return len(batch)
 
-    def _write(self, states: list[RunState]) -> None:
+    def _write(self, states: list[Snapshot]) -> None:
         """Upsert a batch; if it fails, run by run, so one bad snapshot does not hold back the others.
 
         Raises:
@@ -119,7 +124,7 @@ class Checkpointer(Service):
             if len(states) == 1:
                 raise
             first: Exception = batch_error
-        failed: list[RunState] = []
+        failed: list[Snapshot] = []
         for state in states:
             try:
                 repo.upsert([state])
@@ -127,7 +132,7 @@ class Checkpointer(Service):
                 failed.append(state)
                 first = error
         if failed:
-            written = {s.run_id for s in states} - {s.run_id for s in failed}
+            written = {s.state.run_id for s in states} - {s.state.run_id for s in failed}
             self.written += len(written)
             raise _PartlyWritten(written, first)
 

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from models.messages import ControlCommand, ControlMessage, encode, utcnow
+from streams.run_store import is_head_key
 from switchyard.db import WorkflowRepository
 from switchyard.kafka import end_offsets
 from switchyard.settings import Settings
@@ -157,7 +158,11 @@ class PartitionRecovery:
         self.resumed += resumed
         local = {
             run_id
-            for run_id in (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in self.app.runs)
+            for run_id in (
+                k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)
+                for k in self.app.runs
+                if not isinstance(k, bytes) or is_head_key(k)
+            )
             if belongs(run_id)
         }
         missing = await self._running_in_postgres(wanted, local)

@@ -10,6 +10,7 @@ the effects: sends tasks, sets timers, queues checkpoints, publishes updates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -54,6 +55,17 @@ from models.run import (
     resume,
     transition,
 )
+from streams.run_store import (
+    Layout,
+    StoredRecords,
+    ended_at,
+    inline_of,
+    is_head_key,
+    part_keys,
+    parts_named_by,
+    read_state,
+    records_of,
+)
 from streams.timers import TimerKey
 from switchyard.limits import BoundedSender, DeadLetters, record_size
 from switchyard.registry import Registry, RegistryError
@@ -87,6 +99,10 @@ class RunRecords(Protocol):
         """The recorded status of a run, or None."""
         ...
 
+    def versions(self, run_ids: Iterable[str]) -> dict[str, int]:
+        """The recorded version of each of these runs PostgreSQL has."""
+        ...
+
     def get_state(self, run_id: str) -> RunState | None:
         """The run's last checkpoint, or None."""
         ...
@@ -101,7 +117,7 @@ class RunRecords(Protocol):
 
 
 class _Checkpoints(Protocol):
-    def put(self, state: RunState) -> None: ...
+    def put(self, state: RunState, changed: frozenset[str] | None = None) -> None: ...
 
 
 class _Timers(Protocol):
@@ -157,6 +173,9 @@ class _ParsedStates:
         kept = self._states.get(key)
         return kept[1] if kept is not None and kept[0] == raw else None
 
+    def forget(self, key: bytes) -> None:
+        self._states.pop(key, None)
+
     def put(self, key: bytes, raw: bytes, state: RunState) -> None:
         self._states.pop(key, None)
         self._states[key] = (raw, state)
@@ -180,6 +199,8 @@ class RunShell:
         registry: Where the agents' policies come from (None: global defaults only).
         default_timeout_s: The global default deadline of an attempt.
         resume_grace_s: After a restart, the least time before a passed deadline fires.
+        retention_s: How long a finished run stays in the table after its end
+            (once PostgreSQL has its final record; :meth:`evict`).
         app_name: Names this app in dead letters.
         max_message_bytes: The most a record may take (``SWITCHYARD_MAX_MESSAGE_BYTES``):
             a state over it fails its run (``state_too_large``) instead of being
@@ -201,6 +222,7 @@ class RunShell:
         registry: Registry | None = None,
         default_timeout_s: float = 300.0,
         resume_grace_s: float = 0.0,
+        retention_s: float = 3600.0,
         app_name: str = "switchyard-executor",
         max_message_bytes: int = 1_000_000,
     ) -> None:
@@ -218,6 +240,8 @@ class RunShell:
         self.registry = registry
         self.default_timeout_s = default_timeout_s
         self.resume_grace_s = resume_grace_s
+        self.retention_s = retention_s
+        self.evicted = 0
         self.app_name = app_name
         self.applied = 0
         self.ignored = 0
@@ -234,7 +258,7 @@ class RunShell:
             return None
 
     def _read(self, key: bytes) -> RunState | None:
-        """The stored state, strictly.
+        """The stored state, strictly (its head and its parts: :mod:`streams.run_store`).
 
         A finished run over the limit (stored under a larger limit) is read as
         it is: it will not grow, and its record must stay what it was.
@@ -249,8 +273,8 @@ class RunShell:
         state = self._parsed.get(key, raw)
         if state is None:
             try:
-                state = RunState.model_validate_json(raw)
-            except (ValidationError, ValueError) as error:
+                state = read_state(self.runs, key.decode(), raw)
+            except (ValidationError, ValueError, RecursionError) as error:
                 raise _Unusable(raw, None, f"{type(error).__name__}: {str(error)[:500]}") from None
             self._parsed.put(key, raw, state)
         if not state.status.finished and record_size(key, raw) > self.limit:
@@ -276,22 +300,45 @@ class RunShell:
             return self._fail_stored(run_id, unusable, event.at)
         new, effects = transition(state, event)
         if new is not None and new is not state:
-            raw = new.model_dump_json().encode()
-            size = record_size(key, raw)
+            head = self.runs.get(key, b"")
+            inline = inline_of(head) if state is not None else None
+            changed = next((e.changed for e in reversed(effects) if isinstance(e, Checkpoint)), None)
+            # A state stored whole (an earlier layout) has no parts yet: written as for a new run.
+            stored = state if inline is not None else None
+            records = records_of(stored, new, changed, inline)
+            size = records.biggest()
             if size > self.limit:
                 log.warning(
-                    "run %s: its next state is %d bytes, over the limit of %d; failing it", run_id, size, self.limit
+                    "run %s: its next state has a record of %d bytes, over the limit of %d; failing it",
+                    run_id,
+                    size,
+                    self.limit,
                 )
                 new, effects = fail_too_large(state, new, size=size, limit=self.limit, at=event.at)
-                raw = new.model_dump_json().encode()
+                records = records_of(stored, new, None, inline)
                 self._forget_all_timers(run_id)
-            self.runs[key] = raw
-            self._parsed.put(key, raw, new)
+            self._store(key, new, records)
             self.applied += 1
-            self._forget_timers(state, new)
+            self._forget_timers(state, new, changed)
         elif not effects:
             self.ignored += 1
         return effects
+
+    def _store(self, key: bytes, state: RunState, records: StoredRecords) -> None:
+        """Write a run's records: its parts, then its head, then delete what it no longer has.
+
+        In this order a crash between two writes leaves a head whose parts are
+        all there and all agree with it (:func:`streams.run_store.records_of`).
+        """
+        head = records.writes[key]
+        for part, value in records.writes.items():
+            if part != key:
+                self.runs[part] = value
+        self.runs[key] = head
+        for part in records.deletes:
+            if part in self.runs:
+                del self.runs[part]
+        self._parsed.put(key, head, state)
 
     def _fail_stored(self, run_id: str, unusable: _Unusable, at: datetime) -> list[Effect]:
         """Fail a run whose stored state cannot be used, and store the failure (no ``await``).
@@ -315,8 +362,15 @@ class RunShell:
                 raw: Any = json.loads(unusable.raw)
             except ValueError:
                 raw = None
+            plan_part = self.runs.get(Layout(run_id).plan)
+            if isinstance(raw, dict) and "plan" not in raw and plan_part is not None:
+                with contextlib.suppress(ValueError):  # a head of the split layout: its plan says which run
+                    raw["plan"] = json.loads(plan_part)
             new, effects = fail_unreadable(run_id, raw, unusable.reason or "unreadable", at, limit=self.limit)
-        self.runs[key] = new.model_dump_json().encode()
+        records = records_of(None, new)
+        # What the stored head names and the failed state no longer has: gone with it, no orphan left.
+        orphans = tuple(part for part in parts_named_by(run_id, unusable.raw) if part not in records.writes)
+        self._store(key, new, StoredRecords(records.writes, orphans))
         self.failed_stored += 1
         self._forget_all_timers(run_id)
         return effects
@@ -325,13 +379,17 @@ class RunShell:
         """Drop every timer of a run that has just failed as a whole (its record may no longer list its attempts)."""
         self.timers.cancel_where(lambda timer: timer.run_id == run_id)
 
-    def _forget_timers(self, old: RunState | None, new: RunState) -> None:
+    def _forget_timers(self, old: RunState | None, new: RunState, changed: frozenset[str] | None = None) -> None:
         """Drop the deadline and dispatch timers of attempts that have just ended.
 
-        Unchanged executions are the same objects in both states (transitions
-        copy only what they change), so only the changed ones are looked at.
+        Only the executions the transition changed are looked at (``changed``,
+        else those that are not the very objects of ``old``).
         """
-        for key, execution in new.executions.items():
+        keys = new.executions if changed is None else changed
+        for key in keys:
+            execution = new.executions.get(key)
+            if execution is None:
+                continue
             before = old.executions.get(key) if old is not None else None
             if before is execution:
                 continue
@@ -381,7 +439,7 @@ class RunShell:
         elif isinstance(effect, PublishMonitoring):
             await self.monitoring.send(key=effect.update.run_id.encode(), value=encode(effect.update))
         elif isinstance(effect, Checkpoint):
-            self.checkpoints.put(effect.state)
+            self.checkpoints.put(effect.state, effect.changed)
         elif isinstance(effect, RunFinished):
             log.info(
                 "run %s finished: %s%s",
@@ -389,6 +447,7 @@ class RunShell:
                 effect.status,
                 f" ({effect.error.message})" if effect.error else "",
             )
+            self._schedule_eviction(effect.run_id, utcnow() + timedelta(seconds=self.retention_s))
         elif isinstance(effect, DeadLetter):
             if origin is not None:
                 await self.park(*origin, effect.reason)
@@ -445,6 +504,51 @@ class RunShell:
             self.timers.call_at(utcnow() + TIMEOUT_REPEAT, key, action)
 
         return action
+
+    def _schedule_eviction(self, run_id: str, when: datetime) -> None:
+        key = TimerKey("evict", run_id, run_id)
+
+        async def action() -> None:
+            message = ControlMessage(run_id=run_id, command=ControlCommand.EVICT, requested_at=utcnow())
+            await self.control.send(key=run_id.encode(), value=encode(message))
+
+        self.timers.call_at(when, key, action)
+
+    async def evict(self, run_id: str) -> bool:
+        """A finished run's retention is over: remove it from the table, once PostgreSQL has its last state.
+
+        So the table, its changelog and the time to recover after a restart
+        follow the runs in flight, not the history; PostgreSQL keeps every run,
+        and ``status`` and ``GET /runs/{id}/`` read it there. A run that is
+        not finished (a retry reopened it) stays; one whose final record is
+        not written yet stays, and is asked about again later.
+
+        Returns:
+            Whether the run left the table.
+        """
+        state = self.load(run_id)
+        if state is None or not state.status.finished:
+            return False
+        try:
+            recorded = await asyncio.to_thread(self.records.versions, [run_id])
+        except Exception as error:
+            log.warning("cannot ask PostgreSQL about run %s (%s); it stays for now", run_id, type(error).__name__)
+            recorded = {}
+        # Read again after the await: the run may have changed meanwhile (rule 3).
+        current = self.load(run_id)
+        if current is None or current.version != state.version:
+            return False
+        if recorded.get(run_id, 0) < state.version:
+            self._schedule_eviction(run_id, utcnow() + EVICT_AGAIN)
+            return False
+        key = run_id.encode()
+        for part in part_keys(state):
+            if part in self.runs:
+                del self.runs[part]
+        del self.runs[key]
+        self._parsed.forget(key)
+        self.evicted += 1
+        return True
 
     async def submit(self, submission: WorkflowSubmission, origin: Origin | None = None) -> None:
         """Start a submitted run, at most once per run_id.
@@ -633,9 +737,19 @@ class RunShell:
             How many runs needed something.
         """
         resumed = 0
-        for key in list(self.runs.keys()):
+        for index, key in enumerate(list(self.runs.keys())):
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a long table must not hold up the worker's other work
+            if isinstance(key, bytes) and not is_head_key(key):
+                continue  # a part of a run (its plan, a finished execution), read with its head
             run_id = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
             if belongs is not None and not belongs(run_id):
+                continue
+            ended = ended_at(self.runs.get(key if isinstance(key, bytes) else run_id.encode(), b""))
+            if ended is not None:
+                # Finished: nothing to resume (its parts are not even read); it leaves the table in time.
+                if not dispatches_only:
+                    self._schedule_eviction(run_id, max(now, ended + timedelta(seconds=self.retention_s)))
                 continue
             try:
                 state = self._read(key if isinstance(key, bytes) else run_id.encode())
@@ -663,6 +777,12 @@ class RunShell:
                 await self.carry_out(effects)
         return resumed
 
+
+_YIELD_EVERY = 200
+"""Runs resumed between two yields to the event loop."""
+
+EVICT_AGAIN = timedelta(seconds=30)
+"""How soon to try again to evict a finished run whose final record PostgreSQL does not have yet."""
 
 CRASH_WINDOW = timedelta(seconds=10)
 """How long before a worker's last change records it produced may not have been sent (Faust commits every 2.8 s)."""

@@ -32,15 +32,17 @@ Action = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True, order=True)
 class TimerKey:
-    """What a timer is for: the deadline or the delayed dispatch of one attempt.
+    """What a timer is for: the deadline or the delayed dispatch of one attempt, or a finished run's eviction.
 
     Attributes:
-        kind: ``"timeout"`` (the attempt's deadline) or ``"dispatch"`` (a delayed retry).
+        kind: ``"timeout"`` (the attempt's deadline), ``"dispatch"`` (a delayed
+            retry) or ``"evict"`` (a finished run leaves the table).
         run_id: The run, so that all of a run's timers can be dropped at once.
-        correlation_id: The attempt (unique across runs, steps, iterations and items).
+        correlation_id: The attempt (unique across runs, steps, iterations and
+            items); the run id for an eviction.
     """
 
-    kind: Literal["timeout", "dispatch"]
+    kind: Literal["timeout", "dispatch", "evict"]
     run_id: str
     correlation_id: str
 

@@ -39,7 +39,7 @@ def state_view(state: RunState) -> dict[str, Any]:
                 "status": step["status"],
                 "iteration": step["iteration"],
                 "items": len(step["items"]) if step["items"] is not None else None,
-                "output": step["output"] if step["has_output"] else None,
+                "output": state.output_of(step_id),
                 "error": step["error"],
                 "skip_reason": step["skip_reason"],
                 "started_at": step["started_at"],

@@ -7,11 +7,12 @@ All functions here block; async callers run them in a worker thread
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from alembic import command
 from alembic.config import Config
@@ -22,11 +23,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models.messages import submission_fingerprint, utcnow
-from models.records import StepExecution, WorkflowRun
+from models.records import RunExecution, StepExecution, WorkflowRun
 from models.run import RunState, RunStatus
 
 __all__ = [
     "RunRecord",
+    "Snapshot",
     "SnapshotRepository",
     "StepRecord",
     "WorkflowRepository",
@@ -34,6 +36,7 @@ __all__ = [
     "make_engine",
     "normalize_url",
     "snapshot_rows",
+    "state_of",
     "storable",
     "upsert_snapshots",
 ]
@@ -170,6 +173,11 @@ def _to_record(run: WorkflowRun, *, with_steps: bool) -> RunRecord:
 _STATUS_OF_RUN = select(WorkflowRun.status).where(WorkflowRun.run_id == bindparam("run_id"))
 
 
+def _executions_of(session: Session, run_id: str) -> dict[str, Any]:
+    rows = session.execute(select(RunExecution.execution_key, RunExecution.record).where(RunExecution.run_id == run_id))
+    return {str(key): record for key, record in rows}
+
+
 class _Repository:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -193,7 +201,17 @@ class WorkflowRepository(_Repository):
             if with_steps:
                 query = query.options(selectinload(WorkflowRun.steps))
             run = session.scalars(query).one_or_none()
-            return None if run is None else _to_record(run, with_steps=with_steps)
+            if run is None:
+                return None
+            record = _to_record(run, with_steps=with_steps)
+            state = record.state
+            keys = state.get("executions") if isinstance(state, dict) else None
+            if with_steps and isinstance(state, dict) and isinstance(keys, list):
+                # The whole state, for the views: the executions are in their own rows.
+                executions = _executions_of(session, run_id)
+                whole = {**state, "executions": {str(k): executions.get(str(k)) for k in keys}}
+                record = record.model_copy(update={"state": whole})
+            return record
 
     def list_runs(
         self,
@@ -218,7 +236,9 @@ class WorkflowRepository(_Repository):
         """The run's last snapshot as a state, or None (unknown run, or recorded without one)."""
         with self._begin() as session:
             raw = session.scalar(select(WorkflowRun.state).where(WorkflowRun.run_id == run_id))
-        return None if raw is None else RunState.model_validate(raw)
+            if raw is None:
+                return None
+            return state_of(raw, _executions_of(session, run_id))
 
     def exists(self, run_id: str) -> str | None:
         """The recorded status of a run, or None when there is no such run."""
@@ -297,9 +317,36 @@ def storable(value: Any) -> Any:
     return value
 
 
-def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The rows that record a run state: one run row and one row per attempt of each execution."""
-    dump = storable(state.model_dump(mode="json"))
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A run state to record, and the executions changed since the last one (None: all of them)."""
+
+    state: RunState
+    changed: frozenset[str] | None = None
+
+    def merged(self, other: Snapshot) -> Snapshot:
+        """The newer state of the two, with the changes of both (rows to write for either)."""
+        newer = self.state if self.state.version >= other.state.version else other.state
+        if self.changed is None or other.changed is None:
+            return Snapshot(newer, None)
+        return Snapshot(newer, self.changed | other.changed)
+
+
+def snapshot_rows(
+    state: RunState, changed: frozenset[str] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows that record a run state: its run row, and for each execution in ``changed`` its row and attempts.
+
+    The run row's ``state`` is the run without its executions (their keys,
+    in order: :func:`state_of`); each execution has its own row. With
+    ``changed`` (a later snapshot of a recorded run), only the executions
+    that changed are written: the cost of a checkpoint follows the change,
+    not the run's length.
+
+    Returns:
+        The run row, the execution rows and the attempt rows.
+    """
+    dump = storable(state.model_dump(mode="json", exclude={"executions"}))
     run_row = {
         "run_id": state.run_id,
         "workflow_id": state.plan.workflow_id,
@@ -309,7 +356,7 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "output": dump["output"],
         "error": dump["error"],
         "plan": dump["plan"],
-        "state": dump,
+        "state": {**dump, "executions": list(state.executions)},
         "version": state.version,
         "created_at": state.created_at,
         "started_at": state.started_at,
@@ -317,9 +364,20 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "updated_at": state.updated_at,
     }
     step_rows = []
+    execution_rows = []
     for key, execution in state.executions.items():
-        dumped = dump["executions"][key]["attempts"]
-        for attempt, attempt_dump in zip(execution.attempts, dumped, strict=True):
+        if changed is not None and key not in changed:
+            continue
+        execution_rows.append(
+            {
+                "run_id": state.run_id,
+                "execution_key": key,
+                "record": storable(execution.model_dump(mode="json")),
+                "run_version": state.version,
+            }
+        )
+        for attempt in execution.attempts:
+            attempt_dump = storable(attempt.model_dump(mode="json", include={"input", "output", "error"}))
             step_rows.append(
                 {
                     "run_id": state.run_id,
@@ -339,17 +397,22 @@ def snapshot_rows(state: RunState) -> tuple[dict[str, Any], list[dict[str, Any]]
                     "completed_at": attempt.finished_at,
                 }
             )
-    return run_row, step_rows
+    return run_row, execution_rows, step_rows
 
 
 @functools.cache
-def _run_upsert(columns: tuple[str, ...]) -> Executable:
-    """The upsert of run rows with these columns: a newer ``version`` wins."""
+def _run_upsert(columns: tuple[str, ...], *, partial: bool = False) -> Executable:
+    """The upsert of run rows with these columns: a newer ``version`` wins.
+
+    A ``partial`` one (a later snapshot) inserts every column but leaves the
+    plan and the input of a recorded run alone: a change never alters them.
+    """
     runs = cast(Table, WorkflowRun.__table__)
     statement = insert(runs)
+    kept = {"run_id", "created_at"} | ({"plan", "input"} if partial else set())
     return statement.on_conflict_do_update(
         index_elements=["run_id"],
-        set_={k: statement.excluded[k] for k in columns if k not in {"run_id", "created_at"}},
+        set_={k: statement.excluded[k] for k in columns if k not in kept},
         where=runs.c.version < statement.excluded.version,
     )
 
@@ -368,7 +431,37 @@ def _step_upsert(columns: tuple[str, ...]) -> Executable:
     )
 
 
-def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
+def _execution_upsert() -> Executable:
+    executions = cast(Table, RunExecution.__table__)
+    statement = insert(executions)
+    return statement.on_conflict_do_update(
+        index_elements=["run_id", "execution_key"],
+        set_={"record": statement.excluded.record, "run_version": statement.excluded.run_version},
+        where=executions.c.run_version < statement.excluded.run_version,
+    )
+
+
+_EXECUTION_UPSERT: Final = _execution_upsert()
+
+
+def state_of(raw: Any, executions: Mapping[str, Any]) -> RunState:
+    """A run state from its ``state`` column and its ``run_executions`` records (by key).
+
+    A ``state`` written before executions had their own rows holds them
+    itself, and is read as it is.
+
+    Raises:
+        ValueError: The state cannot be read, or names an execution that has no row.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("executions"), list):
+        return RunState.model_validate(raw)
+    missing = [key for key in raw["executions"] if key not in executions]
+    if missing:
+        raise ValueError(f"the run's state names execution(s) with no record: {', '.join(missing[:5])}")
+    return RunState.model_validate({**raw, "executions": {key: executions[key] for key in raw["executions"]}})
+
+
+def upsert_snapshots(session: Session, states: Iterable[RunState | Snapshot]) -> int:
     """Write run snapshots and their attempts inside the caller's transaction.
 
     Idempotent: writing the same snapshot again changes nothing, and a
@@ -380,34 +473,42 @@ def upsert_snapshots(session: Session, states: Iterable[RunState]) -> int:
     Returns:
         How many distinct runs were in the batch.
     """
-    newest: dict[str, RunState] = {}
-    for state in states:
-        kept = newest.get(state.run_id)
-        if kept is None or kept.version < state.version:
-            newest[state.run_id] = state
+    newest: dict[str, Snapshot] = {}
+    for item in states:
+        snapshot = item if isinstance(item, Snapshot) else Snapshot(item)
+        kept = newest.get(snapshot.state.run_id)
+        newest[snapshot.state.run_id] = snapshot if kept is None else kept.merged(snapshot)
     if not newest:
         return 0
-    run_rows: list[dict[str, Any]] = []
+    full_rows: list[dict[str, Any]] = []
+    partial_rows: list[dict[str, Any]] = []
+    execution_rows: list[dict[str, Any]] = []
     step_rows: list[dict[str, Any]] = []
     for run_id in sorted(newest):
-        run_row, rows = snapshot_rows(newest[run_id])
-        run_rows.append(run_row)
+        snapshot = newest[run_id]
+        run_row, executions, rows = snapshot_rows(snapshot.state, snapshot.changed)
+        (full_rows if snapshot.changed is None else partial_rows).append(run_row)
+        execution_rows.extend(executions)
         step_rows.extend(rows)
     step_rows.sort(key=lambda r: r["correlation_id"])
 
     # Core statements on the session's connection: the ORM's bulk insert
     # machinery cost as much CPU as the rest of the executor's step together.
     connection = session.connection()
-    connection.execute(_run_upsert(tuple(run_rows[0])), run_rows)
+    for run_rows, partial in ((full_rows, False), (partial_rows, True)):
+        if run_rows:
+            connection.execute(_run_upsert(tuple(run_rows[0]), partial=partial), run_rows)
+    if execution_rows:
+        connection.execute(_EXECUTION_UPSERT, execution_rows)
     if step_rows:
         connection.execute(_step_upsert(tuple(step_rows[0])), step_rows)
-    return len(run_rows)
+    return len(newest)
 
 
 class SnapshotRepository(_Repository):
     """Bulk, idempotent writes of run snapshots (for the checkpointer)."""
 
-    def upsert(self, states: Iterable[RunState]) -> int:
+    def upsert(self, states: Iterable[RunState | Snapshot]) -> int:
         """Write many run snapshots in one transaction; see :func:`upsert_snapshots`."""
         with self._begin() as session:
             return upsert_snapshots(session, states)

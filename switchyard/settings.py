@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     resume_grace_s: float = Field(
         10.0, ge=0, le=3600, description="After a restart, the least time before a deadline that passed fires."
     )
+    finished_run_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        le=30 * 86_400,
+        description=(
+            "How long a finished run stays in the executor's table once PostgreSQL has its final record; then it"
+            " leaves the table (PostgreSQL keeps it, and status and GET /runs/{id}/ read it there)."
+        ),
+    )
     call_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest single HTTP request to an agent.")
     poll_interval_s: float = Field(0.5, gt=0, le=60, description="GetTask polling interval for tasks still working.")
     registry_cache_ttl_s: float = Field(30.0, ge=0, le=3600, description="How long the bridge trusts a lookup.")

@@ -40,7 +40,7 @@ def test_default_sizes_are_the_issue_s() -> None:
         ("W0", 50, 3, 1, "echo"),
         ("W1", 1000, 3, 64, "echo"),
         ("W2", 500, 1, 500, "echo-slow"),
-        ("W3", 200, 20, 64, "echo"),
+        ("W3", 200, 50, 64, "echo"),
     ]
     assert (options.warm_up, options.rest_s, options.w2_delay_s, options.with_dbos) == (10, 10.0, 1.0, False)
 

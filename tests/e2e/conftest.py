@@ -26,6 +26,8 @@ from switchyard.settings import Settings
 from switchyard.stack import Stack, http_json
 
 API_TOKEN = "e2e-secret-token"
+RETENTION_S = 20
+"""How long a finished run stays in the e2e executor's table (short, so that a test sees it leave)."""
 SECRETS_KEY = generate_key()
 """The stack's SWITCHYARD_SECRETS_KEY: literal registry secrets are stored encrypted with it."""
 
@@ -97,7 +99,12 @@ def e2e(server_dirs: Callable[[str], Path]) -> Iterator[RunningStack]:
             name: stack.start_agent(module, *flags, port=ports[name], name=f"agent-{name}")
             for name, (module, flags) in AGENTS.items()
         }
-        executor = stack.start_worker("streams.app", SWITCHYARD_API_TOKEN=API_TOKEN, SWITCHYARD_SECRETS_KEY=SECRETS_KEY)
+        executor = stack.start_worker(
+            "streams.app",
+            SWITCHYARD_API_TOKEN=API_TOKEN,
+            SWITCHYARD_SECRETS_KEY=SECRETS_KEY,
+            SWITCHYARD_FINISHED_RUN_RETENTION_S=str(RETENTION_S),
+        )
         bridge = stack.start_worker(
             "agents_bridge.app", SWITCHYARD_REGISTRY_CACHE_TTL_S="0", SWITCHYARD_SECRETS_KEY=SECRETS_KEY
         )

@@ -8,6 +8,7 @@ uses one construct and checks what PostgreSQL recorded and what the agents saw.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 
 from switchyard.stack import http_json
-from tests.e2e.conftest import API_TOKEN, RunningStack
-from tests.e2e.test_end_to_end import submit, wait_done
+from tests.e2e.conftest import API_TOKEN, RETENTION_S, RunningStack
+from tests.e2e.test_end_to_end import cli, submit, wait_done
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -308,3 +309,30 @@ def test_an_invalid_plan_of_the_new_constructs_is_refused_with_every_problem(e2e
     assert "does not parse" in problems["$.steps.b.routes[0].when"]
     assert "cannot be a list" in problems["$.steps.d.map.over"]
     assert "unreachable" in problems["$.steps.d"]
+
+
+def test_a_finished_run_leaves_the_table_after_its_retention_and_is_still_shown_from_postgresql(
+    e2e: RunningStack,
+) -> None:
+    one = plan("retention", "only", step("only", "summarizer"))
+    run_id = submit(e2e, one, {"text": "kept in postgresql"})
+    record = wait_done(e2e, run_id)
+    assert record.status == "COMPLETED", record.error
+    assert live_view(e2e, run_id)["source"] == "live"
+    deadline = time.monotonic() + RETENTION_S + 45
+    while live_view(e2e, run_id)["source"] != "record":
+        assert time.monotonic() < deadline, f"run {run_id} still in the table {RETENTION_S + 45}s after its end"
+        time.sleep(1)
+    shown = live_view(e2e, run_id)
+    assert shown["status"] == "COMPLETED"
+    assert shown["output"] == record.output
+    assert [s["status"] for s in shown["steps"]] == ["COMPLETED"]
+    status = cli(e2e, "status", run_id)
+    assert status.returncode == 0, status.stderr
+    assert "COMPLETED" in status.stdout
+    # The same submission again is recognised from PostgreSQL: not run a second time.
+    calls = e2e.stats("summarizer")["calls"]
+    submit(e2e, one, {"text": "kept in postgresql"}, run_id=run_id)
+    time.sleep(3)
+    assert e2e.stats("summarizer")["calls"] == calls
+    assert live_view(e2e, run_id)["source"] == "record"

@@ -57,7 +57,11 @@ AGENTS = {
 
 
 def doubling_plan() -> dict[str, Any]:
-    """One step that maps the whole run input next to a part of it: the attempt's input copies the run's."""
+    """One step that maps the whole run input twice: the attempt's input, a record of its own, is twice the run's.
+
+    (Each record is held to the limit: the run's input and an execution are
+    stored apart, so a 600 KB input copied once would fit.)
+    """
     return {
         "workflow_id": "doubling",
         "name": "Maps the whole input",
@@ -67,7 +71,11 @@ def doubling_plan() -> dict[str, Any]:
             "summarize": {
                 "id": "summarize",
                 "agent_name": "summarizer",
-                "input_mapping": {"text": "${workflow.input.topic}", "all": "${workflow.input}"},
+                "input_mapping": {
+                    "text": "${workflow.input.topic}",
+                    "all": "${workflow.input}",
+                    "again": "${workflow.input}",
+                },
             }
         },
     }
@@ -117,11 +125,14 @@ def test_a_state_over_the_limit_fails_its_run_and_stays_failed_across_a_kill(siz
     assert "cannot be retried" in retried.stderr
     stack.assert_serving("after the doubling run")
 
-    # 2. A run an earlier version checkpointed RUNNING with a state over the limit.
+    # 2. A run an earlier version checkpointed RUNNING with a state over the limit (its input alone is: each
+    # record of a state is held to the limit).
     legacy_id = f"legacy-{uuid.uuid4().hex[:8]}"
     legacy, _ = transition(
         None,
-        RunSubmitted(run_id=legacy_id, plan=load_plan(chain("summarizer")), input={"text": "x" * 700_000}, at=utcnow()),
+        RunSubmitted(
+            run_id=legacy_id, plan=load_plan(chain("summarizer")), input={"text": "x" * 1_200_000}, at=utcnow()
+        ),
     )
     assert legacy is not None
     assert legacy.status is RunStatus.RUNNING

@@ -215,9 +215,27 @@ def assert_changed(old: RunState | None, new: RunState | None, effects: Sequence
     assert new is not old
     assert new.version == (1 if old is None else old.version + 1)
     assert effects, "a change has effects"
-    assert effects[-1] == Checkpoint(state=new)
+    assert_checkpoint(old, new, effects[-1])
     assert len(of_type(effects, Checkpoint)) == 1
     assert not of_type(effects, DeadLetter)
+
+
+def changed_executions(old: RunState | None, new: RunState) -> frozenset[str]:
+    """The keys of the executions that differ between ``old`` and ``new`` (added, changed or gone)."""
+    before = old.executions if old is not None else {}
+    differ = {k for k, e in new.executions.items() if before.get(k) is not e and before.get(k) != e}
+    return frozenset(differ | (before.keys() - new.executions.keys()))
+
+
+def assert_checkpoint(old: RunState | None, new: RunState, effect: object) -> None:
+    """``effect`` checkpoints ``new``, naming the executions that changed since ``old`` (None: all of them).
+
+    A missing one would leave its rows stale in PostgreSQL; an extra one costs a write for nothing.
+    """
+    assert isinstance(effect, Checkpoint), effect
+    assert effect.state == new
+    if effect.changed is not None:
+        assert effect.changed == changed_executions(old, new)
 
 
 def assert_unchanged(old: RunState | None, new: RunState | None, effects: Sequence[Effect]) -> None:

@@ -34,6 +34,7 @@ from models.run import (
     resume,
     transition,
 )
+from tests.models.run_builders import assert_checkpoint
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RUN_ID = "run-g"
@@ -117,7 +118,7 @@ class Run:
             None, RunSubmitted(run_id=RUN_ID, plan=self.plan, input=run_input or {}, at=self.now())
         )
         assert state is not None
-        assert effects[-1] == Checkpoint(state=state)
+        assert_checkpoint(None, state, effects[-1])
         self.state: RunState = state
         self.last: list[Effect] = effects
         self._record(effects)
@@ -141,7 +142,7 @@ class Run:
             assert effects == [] or (len(effects) == 1 and isinstance(effects[0], DeadLetter)), effects
         else:
             assert new.version == old.version + 1
-            assert effects[-1] == Checkpoint(state=new)
+            assert_checkpoint(old, new, effects[-1])
             assert len(of_type(effects, Checkpoint)) == 1
         self.state = new
         self.last = effects
@@ -802,7 +803,7 @@ def test_map_keeps_to_max_concurrency_and_outputs_in_item_order():
     assert sorted(answered) == list(range(10))
     assert run.state.steps["m"].status is StepStatus.COMPLETED
     expected = [{"summary": d.upper()} for d in docs]
-    assert run.state.steps["m"].output == expected
+    assert run.state.output_of("m") == expected
     assert [k for k in run.state.executions if k.startswith("m@")] == [f"m@1[{i}]" for i in range(10)]
     [after] = calls_of(run, "after")
     assert after.input == {"all": expected}
@@ -817,7 +818,7 @@ def test_map_over_an_empty_list_completes_with_an_empty_list():
     assert after.step_id == "after"
     assert after.input == {"all": []}
     assert run.state.steps["m"].status is StepStatus.COMPLETED
-    assert run.state.steps["m"].output == []
+    assert run.state.output_of("m") == []
     run.ok("after", "end")
     assert run.state.status is RunStatus.COMPLETED
 
@@ -873,7 +874,7 @@ def test_map_item_failure_with_collect_keeps_an_error_entry():
     effects = run.ok("m", "C", item=2)
 
     expected = ["A", {"error": {"kind": "agent_failed", "message": "item b broke"}}, "C"]
-    assert run.state.steps["m"].output == expected
+    assert run.state.output_of("m") == expected
     [after] = tasks(effects)
     assert after.input == {"all": expected}
     run.ok("after", "fine")
@@ -928,7 +929,7 @@ def test_a_map_of_1000_items_completes():
 
     assert time.perf_counter() - started < 30
     assert run.state.status is RunStatus.COMPLETED
-    assert run.state.steps["m"].output == [d * 2 for d in docs]
+    assert run.state.output_of("m") == [d * 2 for d in docs]
     assert run.state.output == 1000
     assert len(calls_of(run, "m")) == 1000
 
@@ -942,7 +943,7 @@ def test_map_item_retries_after_a_retriable_failure():
     assert (again.step_id, again.item, again.attempt) == ("m", 1, 2)
     run.ok("m", "A", item=0)
     run.ok("m", "B", item=1)
-    assert run.state.steps["m"].output == ["A", "B"]
+    assert run.state.output_of("m") == ["A", "B"]
 
 
 def test_retry_after_a_failed_map_item_completes_the_map():

@@ -51,6 +51,7 @@ from models.run import (
     StepTimedOut,
     transition,
 )
+from tests.models.run_builders import assert_checkpoint
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -341,7 +342,7 @@ class Checker:
         state, effects = transition(None, submitted)
         assert state is not None
         assert state.version == 1
-        assert effects[-1] == Checkpoint(state=state)
+        assert_checkpoint(None, state, effects[-1])
         self.state: RunState = state
         self._check_state(None, state, effects, submitted)
 
@@ -367,7 +368,7 @@ class Checker:
             assert not must_not_change, f"{event!r} should have changed nothing, gave {effects!r}"
             assert new.version == old.version + 1
             assert effects, "a change has effects"
-            assert effects[-1] == Checkpoint(state=new)
+            assert_checkpoint(old, new, effects[-1])
             assert sum(isinstance(e, Checkpoint) for e in effects) == 1
             assert not any(isinstance(e, DeadLetter) for e in effects)
             self._check_state(old, new, effects, event)

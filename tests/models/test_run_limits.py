@@ -45,6 +45,7 @@ from models.run import (
     fail_unreadable,
     transition,
 )
+from streams.run_store import read_state, records_of
 from tests.models.run_builders import (
     RUN_ID,
     at,
@@ -63,8 +64,19 @@ DELAYED = RetryPolicy(max_attempts=3, initial_delay_s=10.0, multiplier=2.0, jitt
 
 
 def encoded_size(state: RunState) -> int:
-    """What the shell counts against the limit: the JSON value and the key (run_id)."""
+    """The whole state as one record (JSON value and key): more than any of the records it is stored in."""
     return len(state.model_dump_json().encode()) + len(state.run_id.encode())
+
+
+def stored_size(state: RunState) -> int:
+    """What the shell counts against the limit: the largest record the state is stored in (key and value)."""
+    return records_of(None, state).biggest()
+
+
+def read_back(state: RunState) -> RunState:
+    """``state`` written to a table in its records and read from them again."""
+    table = dict(records_of(None, state).writes)
+    return read_state(table, state.run_id, table[state.run_id.encode()])
 
 
 def compact(value: JsonValue) -> bytes:
@@ -82,7 +94,8 @@ def started(plan: WorkflowPlan | None = None, **kwargs: Any) -> RunState:
 
 
 def too_large(before: RunState | None, after: RunState, limit: int = LIMIT, when: datetime | None = None):
-    size = encoded_size(after)
+    size = stored_size(after)
+    assert size > limit, "the shell would store this state as it is"
     reduced, effects = fail_too_large(before, after, size=size, limit=limit, at=when or after.updated_at)
     return size, reduced, effects
 
@@ -90,7 +103,8 @@ def too_large(before: RunState | None, after: RunState, limit: int = LIMIT, when
 def assert_failed_too_large(
     before: RunState | None, after: RunState, reduced: RunState, effects: list[Effect], size: int, limit: int
 ) -> None:
-    assert encoded_size(reduced) <= limit
+    assert stored_size(reduced) <= limit  # every record it is stored in fits
+    assert read_back(reduced) == reduced
     assert reduced.run_id == after.run_id
     assert reduced.status is RunStatus.FAILED
     assert reduced.output is None
@@ -168,7 +182,7 @@ def test_a_big_output_fails_the_run_and_the_reduced_state_fits() -> None:
     before = started()
     big: JsonValue = {"summary": "x" * 30_000}
     after, _ = step(before, result(before, at(1), output=big))
-    assert encoded_size(after) > LIMIT
+    assert stored_size(after) > LIMIT
     size, reduced, effects = too_large(before, after, when=at(1))
     assert_failed_too_large(before, after, reduced, effects, size, LIMIT)
     assert reduced.error is not None
@@ -187,7 +201,7 @@ def test_large_values_are_replaced_by_notes_and_small_ones_are_kept() -> None:
     s1 = execution_of(reduced, "s1")
     assert s1.attempts[0].input == {"text": "hello"}
     # Large ones: a note of their size and hash.
-    assert reduced.steps["s1"].output == note_for(big)
+    assert reduced.output_of("s1") == note_for(big)
     assert s1.output == note_for(big)
     assert s1.attempts[0].output == note_for(big)
     s2_input = execution_of(after, "s2").attempts[0].input
@@ -209,7 +223,7 @@ def test_the_note_of_a_non_ascii_output_counts_its_utf8_bytes() -> None:
     big: JsonValue = {"summary": "€😀" * 4000}
     after, _ = step(before, result(before, at(1), output=big))
     _, reduced, _ = too_large(before, after, when=at(1))
-    note = reduced.steps["s1"].output
+    note = reduced.output_of("s1")
     assert note == note_for(big)
     assert execution_of(reduced, "s1").output == note
     assert isinstance(note, dict)
@@ -328,14 +342,16 @@ def test_huge_mappings_are_removed_from_the_plan() -> None:
 
 
 def test_a_long_history_is_given_up_last() -> None:
-    # 60 steps each with a (small) output: only dropping the history can make it fit.
+    # 60 steps each with a (small) output: only dropping the history can make the whole of it fit.
     plan = make_plan(60)
     state = started(plan)
     for i in range(59):
         state, _ = step(state, result(state, at(i + 1), output={"summary": f"{i:04d}" * 200}))
     assert encoded_size(state) > LIMIT
-    size, reduced, effects = too_large(state, state, when=at(100))
-    assert_failed_too_large(state, state, reduced, effects, size, LIMIT)
+    # The last step's output is too large for its record: the run fails, and is reduced to fit.
+    after, _ = step(state, result(state, at(100), output={"summary": "x" * 30_000}))
+    size, reduced, effects = too_large(state, after, when=at(100))
+    assert_failed_too_large(state, after, reduced, effects, size, LIMIT)
 
 
 def test_a_reduced_run_cannot_be_retried() -> None:
@@ -382,7 +398,7 @@ def test_a_run_input_of_at_most_1024_compact_bytes_is_kept() -> None:
     before = started(run_input=run_input)
     after, _ = step(before, result(before, at(1), output={"summary": "x" * 30_000}))
     _, reduced, _ = too_large(before, after, when=at(1))
-    assert reduced.steps["s1"].output == note_for({"summary": "x" * 30_000})  # the first pass was enough
+    assert reduced.output_of("s1") == note_for({"summary": "x" * 30_000})  # the first pass was enough
     assert reduced.input == run_input
 
 
@@ -439,7 +455,7 @@ def oversize_cases(draw: st.DrawFn) -> tuple[RunState | None, RunState, int, dat
     first = started(plan, run_input=run_input)
     if ending == "new_run":
         # The very first state (a submission) is over the limit: make sure it is.
-        if encoded_size(first) <= limit:
+        if stored_size(first) <= limit:
             first = first.model_copy(update={"input": {"text": char * limit}})
         return None, first, limit, at(0)
     state = first
@@ -449,7 +465,7 @@ def oversize_cases(draw: st.DrawFn) -> tuple[RunState | None, RunState, int, dat
         state, _ = step(state, failure(state, at(done + 1)))  # a PENDING retry, due at +10 s
     when = at(done + 5)
     if ending == "stored":
-        if encoded_size(state) <= limit:
+        if stored_size(state) <= limit:
             state = state.model_copy(update={"input": {"text": char * limit}})
         return state, state, limit, when
     after, _ = step(state, result(state, when, output={"summary": char * limit}))
@@ -462,12 +478,13 @@ def test_any_oversize_run_is_failed_and_stored_reduced_within_the_limit(
     case: tuple[RunState | None, RunState, int, datetime],
 ) -> None:
     before, after, limit, when = case
-    size = encoded_size(after)
+    size = stored_size(after)
     assert size > limit
     reduced, effects = fail_too_large(before, after, size=size, limit=limit, at=when)
     assert_failed_too_large(before, after, reduced, effects, size, limit)
-    # Reading it back gives the same state (it is stored as JSON).
+    # Reading it back gives the same state (it is stored as JSON, in its records or as one).
     assert RunState.model_validate_json(reduced.model_dump_json()) == reduced
+    assert read_back(reduced) == reduced
     # A cancel exactly when an attempt was in flight before (sent: dispatch_at <= at) and is still
     # waited for after the event (not the attempt whose result this is).
     expected_cancels = []
@@ -480,8 +497,9 @@ def test_any_oversize_run_is_failed_and_stored_reduced_within_the_limit(
             expected_cancels = [current.correlation_id]
     assert [c.correlation_id for c in of_type(effects, CancelAgentTask)] == expected_cancels
     # Every value still there is either unchanged or a note of a dropped value.
-    for step_id, reduced_step in reduced.steps.items():
-        assert reduced_step.output == after.steps[step_id].output or is_note(reduced_step.output)
+    for step_id in reduced.steps:
+        kept_output = reduced.output_of(step_id)
+        assert kept_output == after.output_of(step_id) or is_note(kept_output)
     for key, reduced_execution in reduced.executions.items():
         original = after.executions[key]
         assert reduced_execution.output == original.output or is_note(reduced_execution.output)
@@ -516,12 +534,12 @@ def test_a_value_dropped_in_the_first_pass_keeps_its_own_size_and_hash(limit: in
     before = started(make_plan(1))
     output: JsonValue = {"summary": char * big}
     after, _ = step(before, result(before, at(1), output=output))
-    size = encoded_size(after)
+    size = stored_size(after)
     if size <= limit:
         return
     reduced, _ = fail_too_large(before, after, size=size, limit=limit, at=at(1))
-    assert encoded_size(reduced) <= limit
-    assert reduced.steps["s1"].output == note_for(output)
+    assert stored_size(reduced) <= limit
+    assert reduced.output_of("s1") == note_for(output)
     assert execution_of(reduced, "s1").attempts[0].output == note_for(output)
     assert execution_of(reduced, "s1").attempts[0].input == {"text": "hello"}
     assert reduced.input == {"text": "hello"}

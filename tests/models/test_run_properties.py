@@ -51,6 +51,7 @@ from tests.models.run_builders import (
     INPUT,
     RUN_ID,
     T0,
+    assert_checkpoint,
     current_step,
     execution_of,
     make_plan,
@@ -383,7 +384,7 @@ def test_every_change_bumps_the_version_and_ends_with_its_checkpoint(scenario: S
             continue
         expected = 1 if entry.before is None else entry.before.version + 1
         assert after.version == expected
-        assert entry.effects[-1] == Checkpoint(state=after)
+        assert_checkpoint(entry.before, after, entry.effects[-1])
         assert len(of_type(entry.effects, Checkpoint)) == 1
         if entry.before is not None:
             assert after.updated_at >= entry.before.updated_at

@@ -49,6 +49,7 @@ from models.messages import (
 from models.plan import RetryPolicy
 from models.run import RunState, RunStatus, StepStatus
 from streams.app import ExecutorApp, create_app
+from streams.run_store import read_state
 from streams.timers import TimerKey
 from switchyard import topics
 from switchyard.settings import Settings
@@ -89,7 +90,7 @@ class Harness:
     def state(self, run_id: str = RUN_ID) -> RunState:
         raw = self.app.runs[run_id.encode()]
         assert isinstance(raw, bytes)
-        return RunState.model_validate_json(raw)
+        return read_state(self.app.runs, run_id, raw)
 
     def tasks_sent(self) -> list[tuple[bytes | None, AgentTask]]:
         return [(key, decode(AgentTask, value)) for key, value in sends(self.tasks.send)]
@@ -214,7 +215,7 @@ async def test_submission_on_plans_sends_one_task_keyed_by_run_id(harness: Harne
     assert state.status is RunStatus.RUNNING
     assert current_step(state) == "s1"
     assert h.dead_letters() == []
-    h.checkpoints.put.assert_called_once_with(state)
+    h.checkpoints.put.assert_called_once_with(state, None)  # a new run: all of it
     timer_keys = [call.args[1] for call in h.timers.call_at.call_args_list]
     assert timer_keys == [TimerKey("timeout", RUN_ID, f"{RUN_ID}/s1/1")]
     assert [u.status for u in h.updates()] == ["RUNNING", "RUNNING"]
@@ -373,12 +374,12 @@ async def test_result_advances_the_run(harness: Harness) -> None:
     state = h.state()
     assert state.version == 2
     assert state.steps["s1"].status is StepStatus.COMPLETED
-    assert state.steps["s1"].output == {"summary": "out-s1"}
+    assert state.output_of("s1") == {"summary": "out-s1"}
     assert current_step(state) == "s2"
     sent = h.tasks_sent()
     assert [(key, task.correlation_id) for key, task in sent] == [(KEY, f"{RUN_ID}/s1/1"), (KEY, f"{RUN_ID}/s2/1")]
     assert sent[1][1].input == {"previous": "out-s1", "topic": "hello"}
-    assert h.checkpoints.put.call_args.args[0] == state
+    assert h.checkpoints.put.call_args.args == (state, frozenset({"s1@1", "s2@1"}))  # what this result touched
     assert h.dead_letters() == []
 
 

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from models.run import (
     StepStatus,
     StepTimedOut,
 )
+from streams.run_store import read_state, records_of
 from streams.shell import TIMEOUT_REPEAT, RunShell
 from streams.timers import TimerKey
 from tests.models.run_builders import (
@@ -90,9 +91,11 @@ class FailingTopic(FakeTopic):
 @dataclass
 class FakeCheckpoints:
     put_states: list[RunState] = field(default_factory=list)
+    put_changed: list[frozenset[str] | None] = field(default_factory=list)
 
-    def put(self, state: RunState) -> None:
+    def put(self, state: RunState, changed: frozenset[str] | None = None) -> None:
         self.put_states.append(state)
+        self.put_changed.append(changed)
 
 
 @dataclass
@@ -119,6 +122,10 @@ class FakeTimers:
         _, action = self.pending.pop(key)
         await action()
 
+    def of_attempts(self) -> set[TimerKey]:
+        """The pending timers of attempts (deadlines, delayed dispatches), not those that evict finished runs."""
+        return {key for key in self.pending if key.kind != "evict"}
+
 
 @dataclass
 class Rig:
@@ -132,7 +139,8 @@ class Rig:
     shell: RunShell
 
     def state(self, run_id: str = RUN_ID) -> RunState:
-        return RunState.model_validate_json(self.runs[run_id.encode()])
+        """The stored state, read from its records (strictly: a missing part fails)."""
+        return read_state(self.runs, run_id, self.runs[run_id.encode()])
 
     def tasks_sent(self) -> list[AgentTask]:
         return [decode(AgentTask, value) for _, value in self.tasks.sent]
@@ -183,6 +191,9 @@ class NoRecords:
     def exists(self, run_id: str) -> str | None:
         return None
 
+    def versions(self, run_ids: Iterable[str]) -> dict[str, int]:
+        return {}
+
     def get_state(self, run_id: str) -> RunState | None:
         return None
 
@@ -209,13 +220,24 @@ async def submit(rig: Rig, retry: RetryPolicy | None = None, n_steps: int = 2) -
 async def test_submission_stores_state_as_json_bytes_under_run_id_bytes(rig: Rig) -> None:
     await rig.shell.handle(submitted(make_plan(2)))
 
-    assert list(rig.runs) == [KEY]
+    # The head under the run id, holding what the submission changed (s1's step and execution); plan, input apart.
+    assert set(rig.runs) == {KEY, b"run-1/plan", b"run-1/input"}
     raw = rig.runs[KEY]
     assert isinstance(raw, bytes)
+    assert raw.endswith(b',"layout":2}')
     document = json.loads(raw)
     assert document["run_id"] == RUN_ID
     assert document["status"] == "RUNNING"
-    state = RunState.model_validate_json(raw)
+    assert document["steps"] == ["s1"]
+    assert list(document["inline_steps"]) == ["s1"]
+    assert document["executions"] == ["s1@1"]
+    assert document["inline"]["s1@1"]["status"] == "RUNNING"
+    assert document["map_items"] == {}
+    assert "plan" not in document
+    assert "input" not in document
+    assert json.loads(rig.runs[b"run-1/plan"]) == make_plan(2).model_dump(mode="json")
+    assert json.loads(rig.runs[b"run-1/input"]) == INPUT
+    state = read_state(rig.runs, RUN_ID, raw)
     assert current_step(state) == "s1"
     assert state.version == 1
     assert rig.shell.applied == 1
@@ -255,6 +277,7 @@ async def test_submission_queues_a_checkpoint_of_the_stored_state(rig: Rig) -> N
     state = await submit(rig)
 
     assert rig.checkpoints.put_states == [state]
+    assert rig.checkpoints.put_changed == [None]  # a new run: all of it
 
 
 async def test_submission_publishes_monitoring_updates_keyed_by_run_id(rig: Rig) -> None:
@@ -279,7 +302,7 @@ async def test_result_completes_the_step_and_dispatches_the_next(rig: Rig) -> No
     new = rig.state()
     assert new.version == 2
     assert new.steps["s1"].status is StepStatus.COMPLETED
-    assert new.steps["s1"].output == {"summary": "out-s1"}
+    assert new.output_of("s1") == {"summary": "out-s1"}
     assert current_step(new) == "s2"
     tasks = rig.tasks_sent()
     assert [t.correlation_id for t in tasks] == [f"{RUN_ID}/s1/1", f"{RUN_ID}/s2/1"]
@@ -288,6 +311,7 @@ async def test_result_completes_the_step_and_dispatches_the_next(rig: Rig) -> No
     assert tkey("timeout", "s2", 1) in rig.timers.pending
     assert rig.timers.pending[tkey("timeout", "s2", 1)][0] == at(5) + DEFAULT_TIMEOUT
     assert rig.checkpoints.put_states[-1] == new
+    assert rig.checkpoints.put_changed[-1] == frozenset({"s1@1", "s2@1"})  # the executions it touched
     assert ("s1", "COMPLETED") in [(u.step_id, u.status) for u in rig.updates()]
 
 
@@ -330,7 +354,7 @@ async def test_result_for_an_unknown_run_is_a_dead_letter_and_stores_nothing(rig
 
     await rig.shell.handle(AgentResultReceived(result=stray, at=at(5)))
 
-    assert list(rig.runs) == [KEY]
+    assert set(rig.runs) == {KEY, b"run-1/plan", b"run-1/input"}  # run-1's records only
     assert len(rig.deadletter.sent) == 1
     key, _ = rig.deadletter.sent[0]
     assert key == b"other-run"
@@ -573,7 +597,7 @@ async def test_resume_all_skips_finished_runs(rig: Rig) -> None:
 
     assert resumed == 1
     assert [t.run_id for t in restarted.tasks_sent()] == ["run-2"]
-    assert set(restarted.timers.pending) == {tkey("timeout", "s1", 1, run_id="run-2")}
+    assert restarted.timers.of_attempts() == {tkey("timeout", "s1", 1, run_id="run-2")}
     assert restarted.monitoring.sent == []
 
 
@@ -756,8 +780,9 @@ async def test_a_run_read_at_its_next_event_is_the_state_its_bytes_hold(rig: Rig
     kept = rig.shell.load(RUN_ID)
 
     assert kept is not None
-    assert kept == RunState.model_validate_json(rig.runs[KEY])
-    assert kept.model_dump_json().encode() == rig.runs[KEY]
+    assert kept == read_state(rig.runs, RUN_ID, rig.runs[KEY])
+    written = records_of(None, kept).writes
+    assert {key: rig.runs.get(key) for key in written} == written
 
 
 async def test_a_state_replaced_in_the_table_is_read_afresh(rig: Rig) -> None:

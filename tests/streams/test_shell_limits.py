@@ -35,13 +35,16 @@ from models.run import (
     StepStatus,
     StepTimedOut,
 )
+from streams.run_store import Layout, records_of
 from streams.timers import TimerKey
 from switchyard.limits import record_size
 from tests.models.run_builders import RUN_ID, at, make_plan, result, start, submitted
+from tests.streams.test_run_store import CountingTable
 from tests.streams.test_shell import FakeTimers, FakeTopic, NoRecords, Rig, make_rig, tkey
 
 LIMIT = 16_384  # the least SWITCHYARD_MAX_MESSAGE_BYTES allows
 KEY = RUN_ID.encode()
+INPUT_KEY = Layout(RUN_ID).input
 BIG = "y" * 40_000
 
 
@@ -60,10 +63,12 @@ def control_sent(rig: Rig) -> list[ControlMessage]:
 
 
 def assert_stored_failed(rig: Rig, kind: str, run_id: str = RUN_ID) -> RunState:
-    """The run is stored FAILED with ``kind``, in a record that fits, readable as a RunState."""
-    raw = rig.runs[run_id.encode()]
-    assert record_size(run_id.encode(), raw) <= LIMIT
+    """The run is stored FAILED with ``kind``, in records that each fit, readable as a RunState."""
+    head = run_id.encode()
+    stored = {key: value for key, value in rig.runs.items() if key == head or key.startswith(head + b"/")}
+    assert all(record_size(key, value) <= LIMIT for key, value in stored.items())
     state = rig.state(run_id)
+    assert stored == records_of(None, state).writes  # those of this state, and no other part of the run
     assert state.status is RunStatus.FAILED
     assert state.error is not None
     assert state.error.kind == kind
@@ -106,7 +111,7 @@ async def test_a_submission_whose_first_state_is_too_large_is_stored_failed(rig:
     assert state.error.details["size"] > LIMIT  # type: ignore[operator]
     assert state.input != {"text": BIG}  # dropped
     assert rig.tasks.sent == []
-    assert rig.timers.pending == {}
+    assert rig.timers.of_attempts() == set()
     assert cancels_sent(rig) == []  # nothing was in flight
     updates = rig.updates()
     assert [u.status for u in updates] == [RunStatus.FAILED]
@@ -139,11 +144,11 @@ async def test_a_result_whose_output_is_too_large_fails_the_run_and_does_not_dis
     state = assert_stored_failed(rig, ErrorKind.STATE_TOO_LARGE)
     assert state.version > running.version
     assert [t.step_id for t in rig.tasks_sent()] == ["s1"]  # s2 is not dispatched
-    assert rig.timers.pending == {}  # s1's deadline forgotten, none armed for s2
+    assert rig.timers.of_attempts() == set()  # s1's deadline forgotten, none armed for s2
     assert state.steps["s2"].status is StepStatus.FAILED
-    assert state.steps["s1"].output is not None
-    assert isinstance(state.steps["s1"].output, dict)
-    assert set(state.steps["s1"].output) == {"dropped"}
+    s1_output = state.output_of("s1")
+    assert isinstance(s1_output, dict)
+    assert set(s1_output) == {"dropped"}
     assert rig.updates()[-1].status == RunStatus.FAILED
     assert rig.checkpoints.put_states[-1] == state
     assert cancels_sent(rig) == []  # s1's result is in; s2 was never sent
@@ -161,6 +166,12 @@ async def test_a_result_that_fits_is_stored_as_usual(rig: Rig) -> None:
 
 
 def stored_too_large(rig: Rig) -> RunState:
+    """An oversize RUNNING state in the table, in one record (as stored before the split layout).
+
+    Only such a state can be over the limit as it is stored: a head of the split layout holds neither the
+    input nor the plan nor any execution, and a part over the limit fails its run only when it is written
+    again (see :func:`test_no_event_fails_a_split_run_whose_stored_input_part_is_over_a_lowered_limit`).
+    """
     state = oversize_running_state()
     rig.runs[KEY] = state.model_dump_json().encode()
     arm_timers(
@@ -195,7 +206,7 @@ async def test_any_event_fails_a_stored_state_already_over_the_limit(rig: Rig, m
     assert state.version > stored.version
     assert state.steps["s1"].status is StepStatus.FAILED
     # This run's timers are gone; others' (run-10 and run-2 share a prefix, not the run) are not.
-    assert set(rig.timers.pending) == {
+    assert rig.timers.of_attempts() == {
         tkey("timeout", "s1", 1, run_id="run-10"),
         tkey("timeout", "s1", 1, run_id="run-2"),
     }
@@ -205,6 +216,81 @@ async def test_any_event_fails_a_stored_state_already_over_the_limit(rig: Rig, m
     assert rig.checkpoints.put_states == [state]
     assert rig.shell.failed_stored == 1
     assert_everything_sent_fits(rig)
+
+
+def stored_with_a_big_input(runs: CountingTable) -> RunState:
+    """A RUNNING state (s1 in flight since T0) stored split under a larger limit: its input part is over LIMIT.
+
+    No other record is near it: s1 reads only the input's small field, so no attempt holds the big one.
+    """
+    state = start(make_plan(2), run_input={"text": "hello", "big": BIG})
+    runs.update(records_of(None, state).writes)
+    runs.forget()
+    sizes = {key: record_size(key, value) for key, value in runs.items()}
+    assert sizes.pop(INPUT_KEY) > LIMIT
+    assert max(sizes.values()) < LIMIT // 2
+    return state
+
+
+@pytest.mark.parametrize(
+    ("make_event", "status"),
+    [
+        (lambda s: result(s, at(1)), RunStatus.RUNNING),
+        (lambda s: CancelRequested(run_id=RUN_ID, at=at(1)), RunStatus.CANCELLED),
+        (lambda s: StepTimedOut(run_id=RUN_ID, step_id="s1", attempt=1, at=at(400)), RunStatus.RUNNING),
+        (lambda s: RetryRequested(run_id=RUN_ID, at=at(1)), RunStatus.RUNNING),
+        (lambda s: result(s, at(1), step_id="nope"), RunStatus.RUNNING),
+    ],
+    ids=["result", "cancel", "timeout", "retry", "stray-result"],
+)
+async def test_no_event_fails_a_split_run_whose_stored_input_part_is_over_a_lowered_limit(
+    make_event: Any, status: RunStatus
+) -> None:
+    # Stored under a larger limit, read under the least one: the input part is over it, but it is written once
+    # and never again, and nothing else is near the limit: nothing over it is written, so the run goes on.
+    runs = CountingTable()
+    rig = make_rig(runs=runs, max_message_bytes=LIMIT)
+    stored = stored_with_a_big_input(runs)
+    big_input = runs[INPUT_KEY]
+    assert rig.shell.load(RUN_ID) == stored  # usable: its head is small
+
+    await rig.shell.handle(make_event(stored))
+
+    state = rig.state()
+    assert state.status is status
+    assert state.error is None or state.error.kind != ErrorKind.STATE_TOO_LARGE
+    assert state.input == stored.input
+    assert rig.shell.failed_stored == 0
+    assert INPUT_KEY not in runs.written
+    assert runs[INPUT_KEY] == big_input
+    assert all(record_size(key, runs[key]) <= LIMIT for key in runs.written)
+    assert rig.shell.load(RUN_ID) == state
+    assert_everything_sent_fits(rig)
+
+
+async def test_a_split_run_whose_stored_input_part_is_over_a_lowered_limit_goes_on_to_its_next_step() -> None:
+    runs = CountingTable()
+    rig = make_rig(runs=runs, max_message_bytes=LIMIT)
+    stored = stored_with_a_big_input(runs)
+
+    await rig.shell.handle(result(stored, at(1)))
+
+    state = rig.state()
+    assert state.status is RunStatus.RUNNING
+    assert state.steps["s1"].status is StepStatus.COMPLETED
+    assert [t.step_id for t in rig.tasks_sent()] == ["s2"]
+    assert tkey("timeout", "s2", 1) in rig.timers.pending
+    # What the submission changed settles (the parts of s1's step and execution, as the head held them),
+    # then the head: the input is not written again.
+    layout = Layout(RUN_ID)
+    assert layout.input not in runs.written
+    assert runs.written[-1] == KEY
+    assert runs.deleted == []
+    assert rig.checkpoints.put_states == [state]
+
+    await rig.shell.handle(result(state, at(2)))
+    assert rig.state().status is RunStatus.COMPLETED
+    assert rig.state().input == stored.input
 
 
 @pytest.mark.parametrize(
@@ -221,7 +307,7 @@ async def test_an_unreadable_stored_value_fails_the_run_with_the_reason(rig: Rig
     assert state.error is not None
     assert "cannot be read" in state.error.message
     assert "Error" in state.error.message  # the reason names the error
-    assert set(rig.timers.pending) == {tkey("timeout", "s1", 1, run_id="run-11")}
+    assert rig.timers.of_attempts() == {tkey("timeout", "s1", 1, run_id="run-11")}
     assert rig.tasks.sent == []
     assert rig.updates()[-1].status == RunStatus.FAILED
     assert rig.checkpoints.put_states == [state]

@@ -229,7 +229,7 @@ def test_a_chain_run_shows_its_steps_in_plan_order_with_every_attempt_and_output
         assert step["status"] == "COMPLETED"
         assert step["agent_name"] == f"agent-{step_id}"
         assert (step["iteration"], step["items"], step["skip_reason"], step["error"]) == (1, None, None, None)
-        assert step["output"] == final.model_dump(mode="json")["steps"][step_id]["output"]
+        assert step["output"] == final.output_of(step_id)
         assert step["next_attempt_at"] is None
         for attempt in step["attempts"]:
             assert set(attempt) == ATTEMPT_KEYS
@@ -480,11 +480,13 @@ def test_a_step_on_a_route_not_taken_is_skipped_with_its_reason_and_no_output() 
 
 def record_of(state: RunState, *, with_snapshot: bool = True) -> RunRecord:
     """The record PostgreSQL holds of a state (its run row and attempt rows), with or without its snapshot."""
-    run_row, step_rows = snapshot_rows(state)
+    run_row, execution_rows, step_rows = snapshot_rows(state)
+    # As WorkflowRepository.get_run reads it back: the run's state with its executions' rows.
+    whole = {**run_row["state"], "executions": {row["execution_key"]: row["record"] for row in execution_rows}}
     return RunRecord.model_validate(
         {
             **run_row,
-            "state": run_row["state"] if with_snapshot else None,
+            "state": whole if with_snapshot else None,
             "steps": [StepRecord.model_validate(row) for row in step_rows],
         }
     )

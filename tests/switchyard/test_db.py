@@ -25,6 +25,7 @@ from models.run import (
 )
 from streams.views import record_view, state_view
 from switchyard.db import (
+    Snapshot,
     SnapshotRepository,
     WorkflowRepository,
     create_schema,
@@ -345,8 +346,12 @@ def test_a_refused_submission_is_recorded_once_without_a_state(engine: Engine) -
 
 def test_snapshot_rows_describe_every_attempt() -> None:
     final = _history("rows-run")[-1]
-    run_row, step_rows = snapshot_rows(final)
+    run_row, execution_rows, step_rows = snapshot_rows(final)
     assert run_row["status"] == "COMPLETED"
+    # The run row's state names its executions; each has its own row (stored once).
+    assert run_row["state"]["executions"] == ["research@1", "summarize@1"]
+    assert [r["execution_key"] for r in execution_rows] == ["research@1", "summarize@1"]
+    assert [r["record"] for r in execution_rows] == [e.model_dump(mode="json") for e in final.executions.values()]
     assert run_row["output"] == {"summary": "short"}
     assert run_row["version"] == 4
     assert [(r["step_id"], r["attempt"], r["status"]) for r in step_rows] == [
@@ -380,6 +385,28 @@ def test_upsert_writes_runs_and_attempts(engine: Engine) -> None:
         ("research", 2, "COMPLETED"),
         ("summarize", 1, "COMPLETED"),
     ]
+
+
+def test_a_snapshot_with_changed_executions_writes_only_their_rows(engine: Engine) -> None:
+    history = _history("changed-run")
+    repo = SnapshotRepository(engine)
+    repo.upsert([history[1]])  # all of it: research/1 FAILED, research/2 waiting for its delayed dispatch
+    # A later change that (as far as the checkpoint says) touched summarize only: research's rows stay as they were.
+    assert repo.upsert([Snapshot(history[-1], frozenset({"summarize@1"}))]) == 1
+
+    def attempts(version: int) -> list[tuple[str, int, str]]:
+        record = WorkflowRepository(engine).get_run("changed-run")
+        assert record is not None
+        assert (record.version, record.status) == (version, "COMPLETED")
+        return [(s.step_id, s.attempt, s.status) for s in record.steps]
+
+    assert attempts(4) == [("research", 1, "FAILED"), ("research", 2, "PENDING"), ("summarize", 1, "COMPLETED")]
+
+    # None: every execution; a plain state is a snapshot of all of it too.
+    newer = history[-1].model_copy(update={"version": history[-1].version + 1})
+    repo.upsert([newer])
+    assert attempts(5) == [("research", 1, "FAILED"), ("research", 2, "COMPLETED"), ("summarize", 1, "COMPLETED")]
+    assert WorkflowRepository(engine).get_state("changed-run") == newer
 
 
 def test_upsert_is_idempotent_and_never_goes_back(engine: Engine) -> None:

@@ -166,7 +166,7 @@ def chain_state_json(state: RunState) -> dict[str, Any]:
             "first_attempt_of_round": execution["first_attempt_of_round"],
             "fallback_agent": execution["fallback_agent"],
             "next_attempt_at": execution["next_attempt_at"],
-            "output": execution["output"],
+            "output": state.executions[f"{step_id}@1"].output,
             "error": execution["error"],
             "started_at": execution["started_at"],
             "completed_at": execution["completed_at"],
@@ -249,7 +249,7 @@ def test_a_fresh_database_is_brought_to_the_latest_revision_and_matches_the_orm(
 
     create_schema(engine)
 
-    assert tables(engine) == {"workflow_runs", "step_executions", "agents", "alembic_version"}
+    assert tables(engine) == {"workflow_runs", "step_executions", "run_executions", "agents", "alembic_version"}
     assert revisions(engine) == [HEAD]
     assert schema_differences(engine) == []
 
@@ -292,7 +292,8 @@ def test_a_database_from_before_migrations_is_stamped_upgraded_and_keeps_its_row
     old = _completed_chain("old-run")
     insert_old_rows(engine, old, with_state=with_state_column)
     before = schema_differences(engine)
-    assert {d[0] for d in before} == {"add_column", "remove_constraint", "add_constraint"}
+    assert {d[0] for d in before} == {"add_column", "add_table", "remove_constraint", "add_constraint"}
+    assert [d[1].name for d in before if d[0] == "add_table"] == ["run_executions"]
     added = {(d[2], d[3].name) for d in before if d[0] == "add_column"}
     assert added == {("step_executions", "iteration"), ("step_executions", "item")} | (
         set() if with_state_column else {("workflow_runs", "state")}
@@ -328,8 +329,8 @@ def test_a_database_from_before_migrations_is_stamped_upgraded_and_keeps_its_row
         assert list(state.executions) == ["research@1", "summarize@1"]
         assert state.execution("research") == old.execution("research")
         assert state.execution("summarize") == old.execution("summarize")
-        assert {k: (s.status, s.output) for k, s in state.steps.items()} == {
-            k: (s.status, s.output) for k, s in old.steps.items()
+        assert {k: (s.status, state.output_of(k)) for k, s in state.steps.items()} == {
+            k: (s.status, old.output_of(k)) for k, s in old.steps.items()
         }
 
     # The upgraded database takes today's writes; the old run's rows too (same correlation ids).
