@@ -67,10 +67,11 @@ def is_split(raw: bytes) -> bool:
 
 @dataclass(frozen=True)
 class StoredRecords:
-    """What one change writes: records by key, and keys to delete."""
+    """What one change writes: records by key, keys to delete, and what the new head holds itself."""
 
     writes: dict[bytes, bytes]
     deletes: tuple[bytes, ...]
+    head: StoredHead | None = None
 
     def biggest(self) -> int:
         """The size of the largest record written (key and value, as the limit counts)."""
@@ -224,7 +225,7 @@ def records_of(
                 deletes.append(layout.step(step_id))
             if step.items is not None and (kept is None or kept.items is not step.items):
                 deletes.append(layout.items(step_id, step.iteration))
-    return StoredRecords(writes, tuple(deletes))
+    return StoredRecords(writes, tuple(deletes), StoredHead(frozenset(inline_x), frozenset(inline_s), tuple(plain)))
 
 
 def part_keys(state: RunState) -> Iterator[bytes]:

@@ -57,6 +57,7 @@ from models.run import (
 )
 from streams.run_store import (
     Layout,
+    StoredHead,
     StoredRecords,
     ended_at,
     inline_of,
@@ -167,18 +168,29 @@ class _ParsedStates:
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
-        self._states: dict[bytes, tuple[bytes, RunState]] = {}
+        self._states: dict[bytes, tuple[bytes, RunState, StoredHead | None]] = {}
 
     def get(self, key: bytes, raw: bytes) -> RunState | None:
         kept = self._states.get(key)
         return kept[1] if kept is not None and kept[0] == raw else None
 
+    def stored_head(self, key: bytes) -> StoredHead | None:
+        """What the head last read or written holds itself (kept when written; else read from its bytes once)."""
+        kept = self._states.get(key)
+        if kept is None:
+            return None
+        raw, state, head = kept
+        if head is None:
+            head = inline_of(raw)
+            self._states[key] = (raw, state, head)
+        return head
+
     def forget(self, key: bytes) -> None:
         self._states.pop(key, None)
 
-    def put(self, key: bytes, raw: bytes, state: RunState) -> None:
+    def put(self, key: bytes, raw: bytes, state: RunState, head: StoredHead | None = None) -> None:
         self._states.pop(key, None)
-        self._states[key] = (raw, state)
+        self._states[key] = (raw, state, head)
         if len(self._states) > self._size:
             del self._states[next(iter(self._states))]
 
@@ -300,8 +312,8 @@ class RunShell:
             return self._fail_stored(run_id, unusable, event.at)
         new, effects = transition(state, event)
         if new is not None and new is not state:
-            head = self.runs.get(key, b"")
-            inline = inline_of(head) if state is not None else None
+            # _read left the stored head in the cache: what it holds is known without reading it again.
+            inline = self._parsed.stored_head(key) if state is not None else None
             changed = next((e.changed for e in reversed(effects) if isinstance(e, Checkpoint)), None)
             # A state stored whole (an earlier layout) has no parts yet: written as for a new run.
             stored = state if inline is not None else None
@@ -338,7 +350,7 @@ class RunShell:
         for part in records.deletes:
             if part in self.runs:
                 del self.runs[part]
-        self._parsed.put(key, head, state)
+        self._parsed.put(key, head, state, records.head)
 
     def _fail_stored(self, run_id: str, unusable: _Unusable, at: datetime) -> list[Effect]:
         """Fail a run whose stored state cannot be used, and store the failure (no ``await``).
