@@ -59,38 +59,28 @@ Responses (:func:`parse_response`, which never raises)
       both part shapes are read whatever the protocol version: being lenient
       here costs nothing and the outcome is the same.
 
-Agent cards (:func:`parse_agent_card`)
-    A 1.0 card lists ``supportedInterfaces`` with ``url``, ``protocolBinding``
-    and ``protocolVersion``; the first ``JSONRPC`` interface of version 1.x
-    wins, then the first of version 0.3.x. Failing that, a 0.3 card's
-    top-level ``url`` and ``protocolVersion`` (missing means 0.3, as the SDK
-    reads it) are used. Only http(s) URLs with a host are accepted; a relative
-    URL is resolved against the card's base URL.
+Agent cards are read by :mod:`switchyard.agent_cards`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal
-from urllib.parse import urljoin, urlsplit
 
 from pydantic import JsonValue
 
 from models.agents import ProtocolVersion
 from models.messages import AgentTask, ErrorKind
+from switchyard.wire import StrictJsonError, clip, snippet, strict_loads
 
 __all__ = [
-    "AGENT_CARD_PATH",
     "MESSAGE_ID_NAMESPACE",
     "MAX_MESSAGE_CHARS",
     "VERSION_HEADER",
-    "AgentCardError",
-    "CardInfo",
     "Completed",
     "Failed",
     "Interrupted",
@@ -101,9 +91,7 @@ __all__ = [
     "TaskState",
     "cancel_task_request",
     "get_task_request",
-    "is_http_url",
     "message_id_for",
-    "parse_agent_card",
     "parse_response",
     "request_headers",
     "send_message_request",
@@ -112,7 +100,6 @@ __all__ = [
 JsonObject = dict[str, JsonValue]
 RequestId = str | int
 
-AGENT_CARD_PATH: Final = "/.well-known/agent-card.json"
 VERSION_HEADER: Final = "A2A-Version"
 MESSAGE_ID_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:switchyard:a2a:message-id")
 """Namespace of the UUID 5 message ids; changing it changes every message id."""
@@ -123,7 +110,6 @@ _METHODS: Final[dict[ProtocolVersion, tuple[str, str, str]]] = {
     "1.0": ("SendMessage", "GetTask", "CancelTask"),
     "0.3": ("message/send", "tasks/get", "tasks/cancel"),
 }
-_SNIPPET_CHARS: Final = 120
 _JSONRPC_INTERNAL_ERROR: Final = -32603
 
 
@@ -196,37 +182,6 @@ Outcome = Completed | Failed | Pending | Interrupted
 
 class _Malformed(Exception):
     """Internal: the response does not have the shape of an A2A answer."""
-
-
-class AgentCardError(ValueError):
-    """An agent card could not be fetched or read; the message says why, in one line."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = " ".join(reason.split())
-        super().__init__(self.reason)
-
-
-@dataclass(frozen=True)
-class CardInfo:
-    """What the bridge needs from an agent card.
-
-    Attributes:
-        name: The agent's name.
-        url: The JSON-RPC endpoint to call.
-        protocol_version: ``1.0`` or ``0.3``: how to call ``url``.
-        description: The card's description.
-        version: The agent's own version string.
-        skills: The ids of the agent's skills.
-        streaming: Whether the agent says it can stream.
-    """
-
-    name: str
-    url: str
-    protocol_version: ProtocolVersion
-    description: str = ""
-    version: str = ""
-    skills: tuple[str, ...] = ()
-    streaming: bool = False
 
 
 # --- requests ----------------------------------------------------------------------------------------------------
@@ -308,29 +263,6 @@ def cancel_task_request(task_id: str, protocol_version: ProtocolVersion, *, requ
 
 
 # --- responses ---------------------------------------------------------------------------------------------------
-
-
-def _no_constants(name: str) -> Any:
-    raise _Malformed(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Malformed(f"number {text[:40]} is out of range")
-    return value
-
-
-def _loads(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_no_constants, parse_float=_finite_float)
-
-
-def _snippet(body: bytes) -> str:
-    return repr(body[:_SNIPPET_CHARS]) + ("..." if len(body) > _SNIPPET_CHARS else "")
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def _normalize(value: Any) -> JsonValue:
@@ -430,14 +362,14 @@ def _from_task(task: dict[str, Any]) -> Outcome:
         return Completed(output=_merge(groups), artifacts=kept, task_id=task_id)
     if state in _FINAL_FAILURES:
         text = message_text or f"the agent reported the task {state.value}"
-        return Failed(ErrorKind.AGENT_FAILED.value, _clip(text), retriable=False, state=state)
+        return Failed(ErrorKind.AGENT_FAILED.value, clip(text, MAX_MESSAGE_CHARS), retriable=False, state=state)
     if state in _PENDING:
         return Pending(task_id=task_id, state=state)
     kind: Literal["input_required", "auth_required"] = (
         "input_required" if state is TaskState.INPUT_REQUIRED else "auth_required"
     )
     text = message_text or f"the agent needs {'input' if kind == 'input_required' else 'authentication'}"
-    return Interrupted(kind=kind, message=_clip(text), task_id=task_id)
+    return Interrupted(kind=kind, message=clip(text, MAX_MESSAGE_CHARS), task_id=task_id)
 
 
 def _from_result(result: dict[str, Any]) -> Outcome:
@@ -461,15 +393,21 @@ def _from_error(error: Any) -> Failed:
     shown_code = code if isinstance(code, int) and not isinstance(code, bool) else "?"
     shown_message = message if isinstance(message, str) and message else "(no message)"
     retriable = shown_code == _JSONRPC_INTERNAL_ERROR
-    return Failed(ErrorKind.JSONRPC_ERROR.value, _clip(f"code {shown_code}: {shown_message}"), retriable=retriable)
+    return Failed(
+        ErrorKind.JSONRPC_ERROR.value,
+        clip(f"code {shown_code}: {shown_message}", MAX_MESSAGE_CHARS),
+        retriable=retriable,
+    )
 
 
 def _parse(body: bytes, protocol_version: ProtocolVersion, request_id: RequestId | None) -> Outcome:
     try:
-        doc = _loads(body)
+        doc = strict_loads(body)
+    except StrictJsonError as error:  # NaN, Infinity, 1e999: say which, not "not JSON"
+        raise _Malformed(str(error)) from None
     except (ValueError, RecursionError) as error:
         reason = error.msg if isinstance(error, json.JSONDecodeError) else type(error).__name__
-        raise _Malformed(f"not JSON ({reason}): {_snippet(body)}") from None
+        raise _Malformed(f"not JSON ({reason}): {snippet(body)}") from None
     if not isinstance(doc, dict):
         raise _Malformed(f"expected a JSON-RPC object, got {type(doc).__name__}")
     if doc.get("jsonrpc") != "2.0":
@@ -501,107 +439,6 @@ def parse_response(body: bytes, protocol_version: ProtocolVersion, *, request_id
     try:
         return _parse(bytes(body), protocol_version, request_id)
     except _Malformed as error:
-        return Failed(ErrorKind.MALFORMED_RESPONSE.value, _clip(str(error)), retriable=False)
+        return Failed(ErrorKind.MALFORMED_RESPONSE.value, clip(str(error), MAX_MESSAGE_CHARS), retriable=False)
     except RecursionError:
         return Failed(ErrorKind.MALFORMED_RESPONSE.value, "the response is nested too deeply", retriable=False)
-
-
-# --- agent cards ---------------------------------------------------------------------------------------------------
-
-
-def is_http_url(url: str) -> bool:
-    """Whether ``url`` is an absolute http(s) URL with a host."""
-    try:
-        parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        return False
-
-
-def _version_of(raw: Any) -> ProtocolVersion | None:
-    text = raw.strip() if isinstance(raw, str) else ""
-    if text == "1" or text.startswith("1."):
-        return "1.0"
-    if text == "0.3" or text.startswith("0.3."):
-        return "0.3"
-    return None
-
-
-def _endpoint(raw_url: Any, base_url: str, where: str) -> str:
-    if not isinstance(raw_url, str) or not raw_url.strip():
-        raise AgentCardError(f"the agent card's {where} has no url")
-    url = urljoin(base_url, raw_url.strip())
-    if not is_http_url(url):
-        raise AgentCardError(f"the agent card's {where} url {url[:200]!r} is not an http(s) URL")
-    return url
-
-
-def _choose_interface(card: Mapping[str, Any], base_url: str) -> tuple[str, ProtocolVersion]:
-    interfaces = card.get("supportedInterfaces")
-    candidates: dict[ProtocolVersion, tuple[int, Any]] = {}
-    if isinstance(interfaces, list):
-        for index, interface in enumerate(interfaces):
-            if not isinstance(interface, dict):
-                continue
-            binding = interface.get("protocolBinding", interface.get("transport"))
-            version = _version_of(interface.get("protocolVersion"))
-            if isinstance(binding, str) and binding.upper() == "JSONRPC" and version is not None:
-                candidates.setdefault(version, (index, interface.get("url")))
-    for version in ("1.0", "0.3"):
-        if version in candidates:
-            index, raw_url = candidates[version]
-            return _endpoint(raw_url, base_url, f"supportedInterfaces[{index}]"), version
-    if "url" in card:
-        transport = card.get("preferredTransport", "JSONRPC")
-        if not isinstance(transport, str) or transport.upper() != "JSONRPC":
-            raise AgentCardError(f"the agent card's preferred transport {str(transport)[:40]!r} is not JSONRPC")
-        raw_version = card.get("protocolVersion", "0.3")
-        top_version = _version_of(raw_version)
-        if top_version is None:
-            raise AgentCardError(f"the agent card's protocolVersion {str(raw_version)[:40]!r} is neither 1.x nor 0.3")
-        return _endpoint(card["url"], base_url, "top-level"), top_version
-    raise AgentCardError(
-        "the agent card has no JSONRPC interface of protocol 1.0 or 0.3 in supportedInterfaces and no top-level url"
-    )
-
-
-def parse_agent_card(body: bytes, base_url: str) -> CardInfo:
-    """Read an agent card (``GET {base}/.well-known/agent-card.json``).
-
-    Args:
-        body: The card as received.
-        base_url: Where it was fetched from; resolves relative URLs.
-
-    Returns:
-        The endpoint to call and how, with the card's name and description.
-
-    Raises:
-        AgentCardError: Naming what is missing or invalid.
-    """
-    try:
-        card = _loads(body)
-    except (ValueError, RecursionError, _Malformed):
-        raise AgentCardError(f"the agent card is not valid JSON: {_snippet(bytes(body))}") from None
-    if not isinstance(card, dict):
-        raise AgentCardError(f"the agent card is a JSON {type(card).__name__}, not an object")
-    name = card.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise AgentCardError("the agent card has no name")
-    url, version = _choose_interface(card, base_url)
-    description = card.get("description")
-    agent_version = card.get("version")
-    skills = card.get("skills")
-    capabilities = card.get("capabilities")
-    return CardInfo(
-        name=name.strip(),
-        url=url,
-        protocol_version=version,
-        description=description if isinstance(description, str) else "",
-        version=agent_version if isinstance(agent_version, str) else "",
-        skills=tuple(
-            s["id"]
-            for s in (skills if isinstance(skills, list) else [])
-            if isinstance(s, dict) and isinstance(s.get("id"), str)
-        ),
-        streaming=isinstance(capabilities, dict) and capabilities.get("streaming") is True,
-    )

@@ -57,16 +57,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from pydantic import JsonValue
 
 from agents_bridge.a2a import (
-    AGENT_CARD_PATH,
     MAX_MESSAGE_CHARS,
-    AgentCardError,
-    CardInfo,
     Completed,
     Failed,
     Interrupted,
@@ -76,14 +72,14 @@ from agents_bridge.a2a import (
     TaskState,
     cancel_task_request,
     get_task_request,
-    is_http_url,
-    parse_agent_card,
     parse_response,
     request_headers,
     send_message_request,
 )
 from models.agents import AgentEntry, CallRetry, SecretReferenceError
 from models.messages import AgentError, AgentResult, AgentTask, ErrorKind, ResultStatus, utcnow
+from switchyard.http_read import TooLarge, read_limited, safe_url
+from switchyard.wire import clip
 
 __all__ = [
     "CONFIGURATION_ERROR",
@@ -91,7 +87,6 @@ __all__ = [
     "AgentCaller",
     "CallSettings",
     "backoff_delay",
-    "fetch_card",
     "parse_retry_after",
 ]
 
@@ -104,7 +99,6 @@ INTERNAL_ERROR: Final = ErrorKind.BRIDGE_ERROR
 
 _RETRIED_STATUSES: Final = frozenset({408, 429})
 _DEADLINE_GRACE_S: Final = 0.1
-_CARD_MAX_BYTES: Final = 1024 * 1024
 _COUNT_UP_TO: Final = 4
 """An answer over the limit with no Content-Length is read on (and dropped) up to this many times the limit,
 so that its size can be named."""
@@ -178,47 +172,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
-def _safe_url(url: str) -> str:
-    """The URL as it may appear in logs and messages: no user info, query or fragment."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        return "<invalid url>"
-    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
-
-
-@dataclass(frozen=True)
-class _TooLarge:
-    """A body over the limit; ``size`` is its whole size when it was counted (None: past what is counted)."""
-
-    size: int | None
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int, *, count_up_to: int = 0) -> bytes | _TooLarge:
-    """The body, or :class:`_TooLarge` if it is longer than ``limit`` bytes.
-
-    A body over the limit is read on, and dropped, up to ``count_up_to`` bytes
-    so that its size can be named.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max(limit, count_up_to):
-            return _TooLarge(None)
-        if size <= limit:
-            chunks.append(chunk)
-    return b"".join(chunks) if size <= limit else _TooLarge(size)
-
-
 class _Call:
     """One :meth:`AgentCaller.call` in progress: the task, the agent, the deadline."""
 
@@ -281,7 +234,9 @@ class _Call:
                     self.task.correlation_id,
                     answer.message,
                 )
-                return Failed(answer.kind, _clip(f"{answer.message}; no time left to try again"), retriable=True)
+                return Failed(
+                    answer.kind, clip(f"{answer.message}; no time left to try again", MAX_MESSAGE_CHARS), retriable=True
+                )
             logger.warning(
                 "%s to %s for %s failed (attempt %d of %d): %s; retrying in %.2fs",
                 method,
@@ -294,7 +249,11 @@ class _Call:
             )
             await asyncio.sleep(delay)
         assert last is not None  # the loop ran at least once and ended on a transient answer
-        return Failed(last.kind, _clip(f"gave up after {policy.max_attempts} attempts: {last.message}"), retriable=True)
+        return Failed(
+            last.kind,
+            clip(f"gave up after {policy.max_attempts} attempts: {last.message}", MAX_MESSAGE_CHARS),
+            retriable=True,
+        )
 
 
 class AgentCaller:
@@ -341,8 +300,8 @@ class AgentCaller:
                 status = response.status
                 if 200 <= status <= 299:
                     limit = self.settings.max_response_bytes
-                    payload = await _read_limited(response, limit, count_up_to=_COUNT_UP_TO * limit)
-                    if isinstance(payload, _TooLarge):
+                    payload = await read_limited(response, limit, count_up_to=_COUNT_UP_TO * limit)
+                    if isinstance(payload, TooLarge):
                         # Final: the same agent gives the same answer, and it can never be carried.
                         size = response.content_length or payload.size
                         shown = f"{size} bytes" if size is not None else f"more than {_COUNT_UP_TO * limit} bytes"
@@ -362,9 +321,11 @@ class AgentCaller:
         except TimeoutError:
             return _Transient(ErrorKind.TIMEOUT.value, f"no answer within {timeout_s:.2f}s")
         except aiohttp.InvalidURL:
-            return Failed(CONFIGURATION_ERROR, f"invalid agent URL {_safe_url(agent.url)}", retriable=False)
+            return Failed(CONFIGURATION_ERROR, f"invalid agent URL {safe_url(agent.url)}", retriable=False)
         except (aiohttp.ClientError, OSError) as error:
-            return _Transient(ErrorKind.CONNECTION.value, f"{type(error).__name__}: {_clip(str(error))}")
+            return _Transient(
+                ErrorKind.CONNECTION.value, f"{type(error).__name__}: {clip(str(error), MAX_MESSAGE_CHARS)}"
+            )
 
     async def call(self, task: AgentTask, agent: AgentEntry) -> AgentResult:
         """Carry out one attempt of a step: send the message, poll if needed, report.
@@ -400,7 +361,9 @@ class AgentCaller:
             outcome = call.timeout_failure("waiting for the agent")
         except Exception as error:  # the contract: a bug in here must still give a result
             logger.exception("calling %s for %s failed unexpectedly", agent.name, task.correlation_id)
-            outcome = Failed(INTERNAL_ERROR, _clip(f"{type(error).__name__} in the bridge"), retriable=True)
+            outcome = Failed(
+                INTERNAL_ERROR, clip(f"{type(error).__name__} in the bridge", MAX_MESSAGE_CHARS), retriable=True
+            )
         finally:
             self._task_ids.pop(task.correlation_id, None)
         return self._result(task, agent, outcome, started_at)
@@ -411,9 +374,11 @@ class AgentCaller:
         if isinstance(outcome, Completed):
             output = outcome.output
         elif isinstance(outcome, Interrupted):
-            error = AgentError(kind=outcome.kind, message=_clip(outcome.message), retriable=False)
+            error = AgentError(kind=outcome.kind, message=clip(outcome.message, MAX_MESSAGE_CHARS), retriable=False)
         elif isinstance(outcome, Failed):
-            error = AgentError(kind=outcome.kind, message=_clip(outcome.message), retriable=outcome.retriable)
+            error = AgentError(
+                kind=outcome.kind, message=clip(outcome.message, MAX_MESSAGE_CHARS), retriable=outcome.retriable
+            )
         else:  # Pending never leaves _Call.run
             error = AgentError(kind=INTERNAL_ERROR, message="the call ended with a pending task", retriable=True)
         status = ResultStatus.SUCCESS if error is None else ResultStatus.FAILURE
@@ -424,7 +389,7 @@ class AgentCaller:
             status.value,
             task.correlation_id,
             agent.name,
-            _safe_url(agent.url),
+            safe_url(agent.url),
             "ok" if error is None else f"{error.kind}: {error.message}",
         )
         return AgentResult(
@@ -472,39 +437,3 @@ class AgentCaller:
             detail = answer.message if isinstance(answer, Failed | _Transient) else type(answer).__name__
             logger.info("task %s at %s was not cancelled: %s", task_id, agent.name, detail)
         return cancelled
-
-
-async def fetch_card(session: aiohttp.ClientSession, base_url: str, *, timeout_s: float = 10.0) -> CardInfo:
-    """Fetch and read an agent's card from ``{base_url}/.well-known/agent-card.json``.
-
-    Args:
-        session: The HTTP session to use.
-        base_url: The agent's base URL (http or https); a URL that already ends
-            with the well-known path is used as it is.
-        timeout_s: Upper bound of the whole request.
-
-    Returns:
-        The card's endpoint, protocol version, name and description.
-
-    Raises:
-        AgentCardError: The URL is not http(s), the agent is unreachable, answers
-            another status than 200, or serves an invalid card (one-line reason).
-    """
-    if not is_http_url(base_url):
-        raise AgentCardError(f"{_safe_url(base_url)!r} is not an http(s) URL")
-    card_url = base_url if base_url.rstrip("/").endswith(AGENT_CARD_PATH) else base_url.rstrip("/") + AGENT_CARD_PATH
-    shown = _safe_url(card_url)
-    try:
-        async with session.get(
-            card_url, headers={"Accept": "application/json"}, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as response:
-            if response.status != 200:
-                raise AgentCardError(f"{shown} answered HTTP {response.status}")
-            body = await _read_limited(response, _CARD_MAX_BYTES)
-    except TimeoutError:
-        raise AgentCardError(f"{shown} did not answer within {timeout_s:g}s") from None
-    except (aiohttp.ClientError, OSError) as error:
-        raise AgentCardError(f"cannot reach {shown}: {type(error).__name__}: {error}") from None
-    if isinstance(body, _TooLarge):
-        raise AgentCardError(f"the agent card at {shown} is larger than {_CARD_MAX_BYTES} bytes")
-    return parse_agent_card(body, str(response.url))

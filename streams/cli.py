@@ -13,6 +13,11 @@ stderr and a non-zero exit: 1 for a run that failed or was cancelled (and for
 a broker or database that cannot be used), 2 for bad input (a submission the
 CLI or the executor refuses), 3 when ``--wait`` gives up while the run goes on.
 
+Each command is a handler here that passes its arguments on to a function
+taking the :class:`~switchyard.settings.Settings` (:func:`manage_agents`,
+:func:`submit_run`, :func:`control_run`, :func:`show_status`), which tests call
+directly; :func:`register` adds the handlers to the app.
+
 ``submit`` makes the checks of :mod:`streams.submissions` before it sends
 anything: a submission over ``SWITCHYARD_MAX_MESSAGE_BYTES`` is refused, and
 a ``--run-id`` that PostgreSQL already has is either the same submission again
@@ -27,9 +32,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import aiohttp
 import click
@@ -61,6 +66,9 @@ from models.messages import (
 from models.plan import PlanValidationError, load_plan
 from models.run import RunStatus
 from streams.submissions import SubmissionRefused, encode_submission, is_repeat
+from streams.views import record_view
+from streams.web import recorded_status, refuse_command
+from switchyard.agent_cards import AgentCardError, fetch_card
 from switchyard.database import connect
 from switchyard.db import RunRecord, WorkflowRepository
 from switchyard.kafka import ensure_topics, produce
@@ -75,18 +83,30 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_STILL_RUNNING",
     "CliError",
+    "SwitchyardCommand",
+    "add_agent",
+    "agents",
     "broker_failure",
+    "cancel",
     "check_same_run",
+    "control_run",
     "encode_or_refuse",
     "executor_refusal",
     "final_report",
     "load_agents_file",
+    "manage_agents",
     "put_agents",
     "read_submission",
     "register",
     "repeats_existing",
+    "resume",
+    "retry",
     "send",
+    "show_status",
+    "status",
     "status_code",
+    "submit",
+    "submit_run",
     "wait_for_run",
     "watch_run",
 ]
@@ -111,8 +131,10 @@ class SwitchyardCommand(AppCommand):
     """A plain asyncio command: no worker banner, one-line errors, exit codes."""
 
     abstract = True
+    app: ExecutorApp  # the app of ``-A streams.app``
 
     def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Run the command in an event loop of its own, then exit with its code (a :class:`CliError`'s too)."""
         # The Kafka client logs each failed connection; the one line below says what happened.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
         try:
@@ -486,9 +508,6 @@ async def submit_run(
 
 async def add_agent(settings: Settings, url: str, name: str | None) -> AgentEntry:
     """Read an agent card and register the agent (see ``agents add``)."""
-    from agents_bridge.a2a import AgentCardError
-    from agents_bridge.calls import fetch_card
-
     async with aiohttp.ClientSession() as session:
         try:
             card = await fetch_card(session, url)
@@ -546,136 +565,213 @@ def put_agents(store: RegistryStore, entries: Iterable[AgentEntry]) -> list[str]
     return done
 
 
+_TARGETS = {"add": "URL", "import": "FILE", "remove": "NAME"}
+
+
+async def manage_agents(settings: Settings, action: str, target: str | None, name: str | None) -> int:
+    """``agents add URL [--name NAME]``, ``agents list``, ``agents import FILE``, ``agents remove NAME``.
+
+    Args:
+        settings: The stack's settings (for PostgreSQL).
+        action: ``add``, ``list``, ``import`` or ``remove``.
+        target: The URL, file or name the action needs (``list`` needs none).
+        name: For ``add``: register under this name instead of the card's.
+
+    Returns:
+        0 once done.
+
+    Raises:
+        CliError: No target for an action that needs one (exit 2), an agent
+            card that cannot be read or an agent to remove that is not
+            registered (exit 1), or what :func:`load_agents_file` and
+            :func:`put_agents` refuse.
+    """
+    if action == "list":
+        entries = await asyncio.to_thread(RegistryStore(_engine(settings), settings).list)
+        for entry in entries:
+            click.echo(f"{entry.name}\t{entry.url}\tA2A {entry.protocol_version}")
+        if not entries:
+            click.echo("no agents registered (add one with: agents add URL)")
+        return 0
+    if target is None:
+        raise CliError(f"agents {action} needs a {_TARGETS.get(action, 'NAME')}")
+    if action == "add":
+        entry = await add_agent(settings, target, name)
+        click.echo(f"registered {entry.name} -> {entry.url} (A2A {entry.protocol_version})")
+        return 0
+    if action == "import":
+        entries = load_agents_file(Path(target))
+        names = await asyncio.to_thread(put_agents, RegistryStore(_engine(settings), settings), entries)
+        click.echo(f"imported {len(names)} agent(s): {', '.join(names)}")
+        return 0
+    removed = await asyncio.to_thread(RegistryStore(_engine(settings), settings).delete, target)
+    if not removed:
+        raise CliError(f"no agent {target!r} in the registry", code=EXIT_FAILED)
+    click.echo(f"removed {target}")
+    return 0
+
+
+# -------------------------------------------------------------------- runs
+
+
+async def control_run(settings: Settings, control_topic: str, run_id: str, command: ControlCommand) -> int:
+    """``cancel``, ``retry`` or ``resume``: send the command when the run's recorded status allows it.
+
+    Args:
+        settings: The stack's settings.
+        control_topic: The control topic.
+        run_id: The run.
+        command: One of :data:`streams.web.USER_COMMANDS`.
+
+    Returns:
+        0 once the broker has the command.
+
+    Raises:
+        CliError: No such run, or a status the command does not apply to
+            (exit 1, the reason of :func:`streams.web.refuse_command`), or the
+            broker did not take it (:func:`broker_failure`).
+    """
+    status, error_kind = await asyncio.to_thread(recorded_status, WorkflowRepository(_engine(settings)), run_id)
+    refusal = refuse_command(command, status, run_id, error_kind)
+    if refusal is not None:
+        raise CliError(refusal, code=EXIT_FAILED)
+    message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested from the command line")
+    await send(
+        settings,
+        control_topic,
+        key=run_id.encode(),
+        value=encode(message),
+        doing=f"the {command} command",
+        create_topics=False,  # the run exists, so do its topics
+    )
+    click.echo(f"{command} requested for run {run_id}")
+    return 0
+
+
+async def show_status(settings: Settings, run_id: str, as_json: bool) -> int:
+    """``status RUN_ID [--json]``: print a run as PostgreSQL has it.
+
+    Args:
+        settings: The stack's settings.
+        run_id: The run.
+        as_json: Print :func:`streams.views.record_view` (what ``GET /runs/{run_id}/``
+            answers from PostgreSQL) instead of lines.
+
+    Returns:
+        :func:`status_code`: 1 for a FAILED or CANCELLED run, 0 otherwise.
+
+    Raises:
+        CliError: No such run recorded (exit 1).
+    """
+    record = await asyncio.to_thread(WorkflowRepository(_engine(settings)).get_run, run_id)
+    if record is None:
+        raise CliError(f"no run {run_id!r} (it may not be checkpointed yet)", code=EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(record_view(record), indent=2, ensure_ascii=False))
+        return status_code(record)
+    click.echo(f"run {record.run_id}  {record.status}  workflow {record.workflow_id} v{record.workflow_version}")
+    for line in _step_lines(record, {}):
+        click.echo(line)
+    if record.status == RunStatus.COMPLETED:
+        click.echo("output: " + json.dumps(record.output, ensure_ascii=False))
+    elif record.error:
+        error = record.error if isinstance(record.error, dict) else {"message": str(record.error)}
+        refused = executor_refusal(record)
+        click.echo(f"refused by the executor: {refused}" if refused else f"error: {error.get('message')}")
+    return status_code(record)
+
+
 # ---------------------------------------------------------------- commands
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[int]])
+
+_COMMANDS: dict[Callable[..., Awaitable[int]], tuple[Any, ...]] = {}
+"""Each command's handler and its click arguments and options, in the order :func:`register` adds them."""
+
+
+def _command(*options: Any) -> Callable[[Handler], Handler]:
+    """Mark a handler as a command taking these arguments and options; the handler's name is the command's."""
+
+    def mark(handler: Handler) -> Handler:
+        _COMMANDS[handler] = options
+        return handler
+
+    return mark
+
+
+# The handlers' docstrings are the commands' --help.
+
+
+@_command(
+    argument("action", type=click.Choice(["add", "list", "import", "remove"])),
+    argument("target", required=False),
+    option("--name", default=None, help="Register under this name instead of the card's."),
+)
+async def agents(self: SwitchyardCommand, action: str, target: str | None, name: str | None) -> int:
+    """Manage the agent registry: add URL, list, import FILE, remove NAME."""
+    return await manage_agents(self.app.settings, action, target, name)
+
+
+@_command(
+    argument("plan_file"),
+    option("--input", "input_json", default=None, help="The run's input, a JSON object."),
+    option("--input-file", default=None, help="Read the run's input from this JSON file."),
+    option(
+        "--run-id",
+        default=None,
+        help="Use this run id: the same plan and input again starts nothing new, another is refused.",
+    ),
+    option("--wait/--no-wait", default=False, help="Follow the run and print its output."),
+    option("--timeout", default=600.0, type=float, help="How long --wait waits, in seconds."),
+)
+async def submit(
+    self: SwitchyardCommand,
+    plan_file: str,
+    input_json: str | None,
+    input_file: str | None,
+    run_id: str | None,
+    wait: bool,
+    timeout: float,
+) -> int:
+    """Submit a workflow plan; prints the run id."""
+    return await submit_run(
+        self.app.settings,
+        self.app.plans_topic.get_topic_name(),
+        read_submission(plan_file, input_json, input_file, run_id),
+        given_run_id=run_id is not None,
+        wait=wait,
+        timeout=timeout,
+    )
+
+
+@_command(argument("run_id"))
+async def cancel(self: SwitchyardCommand, run_id: str) -> int:
+    """Cancel a run: it ends CANCELLED, the agent is asked to cancel its task."""
+    return await control_run(self.app.settings, self.app.control_topic.get_topic_name(), run_id, ControlCommand.CANCEL)
+
+
+@_command(argument("run_id"))
+async def retry(self: SwitchyardCommand, run_id: str) -> int:
+    """Run a FAILED run again from its failed step (earlier outputs and history kept)."""
+    return await control_run(self.app.settings, self.app.control_topic.get_topic_name(), run_id, ControlCommand.RETRY)
+
+
+@_command(argument("run_id"))
+async def resume(self: SwitchyardCommand, run_id: str) -> int:
+    """Rebuild a RUNNING run from its checkpoint if the executor lost it, and re-dispatch what is in flight."""
+    return await control_run(self.app.settings, self.app.control_topic.get_topic_name(), run_id, ControlCommand.RESUME)
+
+
+@_command(
+    argument("run_id"),
+    option("--json", "as_json", is_flag=True, default=False, help="Print the run as JSON."),
+)
+async def status(self: SwitchyardCommand, run_id: str, as_json: bool) -> int:
+    """Show a run: its status, every step and attempt, and its output or error. Exit 1 if FAILED or CANCELLED."""
+    return await show_status(self.app.settings, run_id, as_json)
 
 
 def register(app: ExecutorApp) -> None:
     """Add the commands to the executor app."""
-    settings = app.settings
-
-    @app.command(
-        argument("action", type=click.Choice(["add", "list", "import", "remove"])),
-        argument("target", required=False),
-        option("--name", default=None, help="Register under this name instead of the card's."),
-        base=SwitchyardCommand,
-    )
-    async def agents(self: AppCommand, action: str, target: str | None, name: str | None) -> int:
-        """Manage the agent registry: add URL, list, import FILE, remove NAME."""
-        if action == "list":
-            entries = await asyncio.to_thread(RegistryStore(_engine(settings), settings).list)
-            for entry in entries:
-                click.echo(f"{entry.name}\t{entry.url}\tA2A {entry.protocol_version}")
-            if not entries:
-                click.echo("no agents registered (add one with: agents add URL)")
-            return 0
-        if target is None:
-            raise CliError(
-                f"agents {action} needs a {'URL' if action == 'add' else 'FILE' if action == 'import' else 'NAME'}"
-            )
-        if action == "add":
-            entry = await add_agent(settings, target, name)
-            click.echo(f"registered {entry.name} -> {entry.url} (A2A {entry.protocol_version})")
-            return 0
-        if action == "import":
-            entries = load_agents_file(Path(target))
-            names = await asyncio.to_thread(put_agents, RegistryStore(_engine(settings), settings), entries)
-            click.echo(f"imported {len(names)} agent(s): {', '.join(names)}")
-            return 0
-        removed = await asyncio.to_thread(RegistryStore(_engine(settings), settings).delete, target)
-        if not removed:
-            raise CliError(f"no agent {target!r} in the registry", code=EXIT_FAILED)
-        click.echo(f"removed {target}")
-        return 0
-
-    @app.command(
-        argument("plan_file"),
-        option("--input", "input_json", default=None, help="The run's input, a JSON object."),
-        option("--input-file", default=None, help="Read the run's input from this JSON file."),
-        option(
-            "--run-id",
-            default=None,
-            help="Use this run id: the same plan and input again starts nothing new, another is refused.",
-        ),
-        option("--wait/--no-wait", default=False, help="Follow the run and print its output."),
-        option("--timeout", default=600.0, type=float, help="How long --wait waits, in seconds."),
-        base=SwitchyardCommand,
-    )
-    async def submit(
-        self: AppCommand,
-        plan_file: str,
-        input_json: str | None,
-        input_file: str | None,
-        run_id: str | None,
-        wait: bool,
-        timeout: float,
-    ) -> int:
-        """Submit a workflow plan; prints the run id."""
-        submission = read_submission(plan_file, input_json, input_file, run_id)
-        return await submit_run(
-            settings,
-            app.plans_topic.get_topic_name(),
-            submission,
-            given_run_id=run_id is not None,
-            wait=wait,
-            timeout=timeout,
-        )
-
-    async def control(run_id: str, command: ControlCommand) -> int:
-        from streams.web import recorded_status, refuse_command
-
-        status, error_kind = await asyncio.to_thread(recorded_status, WorkflowRepository(_engine(settings)), run_id)
-        refusal = refuse_command(command, status, run_id, error_kind)
-        if refusal is not None:
-            raise CliError(refusal, code=EXIT_FAILED)
-        message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested from the command line")
-        await send(
-            settings,
-            app.control_topic.get_topic_name(),
-            key=run_id.encode(),
-            value=encode(message),
-            doing=f"the {command} command",
-            create_topics=False,  # the run exists, so do its topics
-        )
-        click.echo(f"{command} requested for run {run_id}")
-        return 0
-
-    @app.command(argument("run_id"), base=SwitchyardCommand)
-    async def cancel(self: AppCommand, run_id: str) -> int:
-        """Cancel a run: it ends CANCELLED, the agent is asked to cancel its task."""
-        return await control(run_id, ControlCommand.CANCEL)
-
-    @app.command(argument("run_id"), base=SwitchyardCommand)
-    async def retry(self: AppCommand, run_id: str) -> int:
-        """Run a FAILED run again from its failed step (earlier outputs and history kept)."""
-        return await control(run_id, ControlCommand.RETRY)
-
-    @app.command(argument("run_id"), base=SwitchyardCommand)
-    async def resume(self: AppCommand, run_id: str) -> int:
-        """Rebuild a RUNNING run from its checkpoint if the executor lost it, and re-dispatch what is in flight."""
-        return await control(run_id, ControlCommand.RESUME)
-
-    @app.command(
-        argument("run_id"),
-        option("--json", "as_json", is_flag=True, default=False, help="Print the run as JSON."),
-        base=SwitchyardCommand,
-    )
-    async def status(self: AppCommand, run_id: str, as_json: bool) -> int:
-        """Show a run: its status, every step and attempt, and its output or error. Exit 1 if FAILED or CANCELLED."""
-        from streams.views import record_view
-
-        record = await asyncio.to_thread(WorkflowRepository(_engine(settings)).get_run, run_id)
-        if record is None:
-            raise CliError(f"no run {run_id!r} (it may not be checkpointed yet)", code=EXIT_FAILED)
-        if as_json:
-            click.echo(json.dumps(record_view(record), indent=2, ensure_ascii=False))
-            return status_code(record)
-        click.echo(f"run {record.run_id}  {record.status}  workflow {record.workflow_id} v{record.workflow_version}")
-        for line in _step_lines(record, {}):
-            click.echo(line)
-        if record.status == RunStatus.COMPLETED:
-            click.echo("output: " + json.dumps(record.output, ensure_ascii=False))
-        elif record.error:
-            error = record.error if isinstance(record.error, dict) else {"message": str(record.error)}
-            refused = executor_refusal(record)
-            click.echo(f"refused by the executor: {refused}" if refused else f"error: {error.get('message')}")
-        return status_code(record)
+    for handler, options in _COMMANDS.items():
+        app.command(*options, base=SwitchyardCommand)(handler)

@@ -15,6 +15,14 @@
 token, cross-site requests, content type, body size, text PostgreSQL cannot
 store) and makes every error JSON ``{"error": ..., ...}``, never a traceback.
 Views here only read the checked body (:func:`~switchyard.http_guard.json_body`).
+
+Each endpoint is a function of the app and the request's parts (its path
+parameters, query or body) that returns an :data:`Answer`, a status and a JSON
+body: :func:`submit_run`, :func:`list_runs`, :func:`show_run`,
+:func:`run_command`, :func:`list_agents`, :func:`show_agent`,
+:func:`put_agent`, :func:`delete_agent`, :func:`health`. The views only pass
+those parts on; :func:`register` adds them to the app as :data:`PAGES`. A run
+is shown as :mod:`streams.views` builds it, as ``status --json`` shows it too.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -44,13 +52,29 @@ if TYPE_CHECKING:
     from streams.app import ExecutorApp
 
 __all__ = [
+    "MAX_OFFSET",
+    "PAGES",
     "USER_COMMANDS",
-    "recorded_status",
+    "AgentView",
+    "AgentsView",
+    "Answer",
+    "ExecutorView",
+    "HealthView",
+    "RunActionView",
+    "RunView",
+    "RunsView",
+    "delete_agent",
+    "health",
+    "list_agents",
     "list_query",
+    "list_runs",
     "put_agent",
+    "recorded_status",
     "refuse_command",
     "register",
     "run_command",
+    "show_agent",
+    "show_run",
     "submit_run",
     "valid_run_id",
 ]
@@ -257,98 +281,192 @@ async def put_agent(app: ExecutorApp, name: str, body: Any) -> Answer:
     return (201 if created else 200), entry.redacted()
 
 
-def register(app: ExecutorApp) -> None:
-    """Add the views to the executor app, behind :mod:`switchyard.http_guard`."""
-    http_guard.install(app, app.settings)
-    limit = app.settings.max_message_bytes
+async def health(app: ExecutorApp) -> Answer:
+    """``GET /health/``: the worker's counters, with 503 until it is ready.
 
-    def answer(view: web.View, result: Answer) -> web.Response:
+    Ready means it owns its partitions and has recovered them, so that a
+    readiness probe does not pass too early.
+    """
+    checkpointer = app.checkpointer
+    actives = app.assignor.assigned_actives()
+    return (200 if app.ready else 503), {
+        "app": app.conf.id,
+        "ready": app.ready,
+        "runs_applied": app.shell.applied,
+        "events_ignored": app.shell.ignored,
+        "timers": len(app.timers),
+        "checkpoint_backlog": checkpointer.backlog,
+        "checkpoints_written": checkpointer.written,
+        "checkpoint_error": checkpointer.last_error,
+        "assigned_partitions": len(actives),
+        "run_partitions": sorted(tp.partition for tp in actives if tp.topic == topics.PLANS),
+    }
+
+
+async def list_runs(app: ExecutorApp, query: Mapping[str, str]) -> Answer:
+    """``GET /runs/?status=&workflow_id=&limit=&offset=``: recent runs, as PostgreSQL has them.
+
+    Raises:
+        http_guard.Problem: 400, from :func:`list_query`.
+    """
+    records = await asyncio.to_thread(_repo(app).list_runs, **list_query(query))
+    return 200, {"runs": [_summary(r) for r in records]}
+
+
+async def show_run(app: ExecutorApp, run_id: str) -> Answer:
+    """``GET /runs/{run_id}/`` on the worker that owns the run: its live state, else its record, else 404.
+
+    The view checks the run id and routes the request to the owner first (:class:`RunView`).
+    """
+    state = app.shell.load(run_id)  # None also for a state it cannot read: the record is shown
+    if state is not None:
+        return 200, state_view(state)
+    record = await asyncio.to_thread(_repo(app).get_run, run_id)
+    if record is None:
+        return _error(404, f"no run {run_id!r}")
+    return 200, record_view(record)
+
+
+async def list_agents(app: ExecutorApp) -> Answer:
+    """``GET /agents/``: every registered agent, secrets redacted."""
+    entries = await asyncio.to_thread(_store(app).list)
+    return 200, {"agents": [e.redacted() for e in entries]}
+
+
+async def show_agent(app: ExecutorApp, name: str) -> Answer:
+    """``GET /agents/{name}``: one agent's entry, secrets redacted; 404 if it is not registered."""
+    entry = await asyncio.to_thread(_store(app).get, name)
+    if entry is None:
+        return _no_agent(name)
+    return 200, entry.redacted()
+
+
+async def delete_agent(app: ExecutorApp, name: str) -> Answer:
+    """``DELETE /agents/{name}``: remove an agent from the registry; 404 if it is not registered."""
+    existed = await asyncio.to_thread(_store(app).delete, name)
+    if not existed:
+        return _no_agent(name)
+    return 200, {"deleted": name}
+
+
+def _no_agent(name: str) -> Answer:
+    return _error(404, f"no agent {name!r} in the registry")
+
+
+# ------------------------------------------------------------------- views
+
+
+class ExecutorView(web.View):
+    """A page of the executor's API: each handler answers what one of the functions above returns."""
+
+    app: ExecutorApp  # set by faust's View.__init__: the app the page was added to
+
+    def answer(self, result: Answer) -> web.Response:
+        """The JSON response of an :data:`Answer`."""
         status, body = result
-        return view.json(body, status=status)
+        return self.json(body, status=status)
 
-    @app.page("/health/")
-    class Health(web.View):
-        async def get(self, request: web.Request) -> web.Response:
-            checkpointer = app.checkpointer
-            # 503 until the worker owns its partitions and has recovered them,
-            # so that a readiness probe does not pass too early.
-            return self.json(
-                {
-                    "app": app.conf.id,
-                    "ready": app.ready,
-                    "runs_applied": app.shell.applied,
-                    "events_ignored": app.shell.ignored,
-                    "timers": len(app.timers),
-                    "checkpoint_backlog": checkpointer.backlog,
-                    "checkpoints_written": checkpointer.written,
-                    "checkpoint_error": checkpointer.last_error,
-                    "assigned_partitions": len(app.assignor.assigned_actives()),
-                    "run_partitions": sorted(
-                        tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.PLANS
-                    ),
-                },
-                status=200 if app.ready else 503,
-            )
+    async def body(self, request: web.Request) -> Any:
+        """The request's JSON body, as :mod:`switchyard.http_guard` checked it."""
+        return await http_guard.json_body(request, self.app.settings.max_message_bytes)
 
-    @app.page("/runs/")
-    class Runs(web.View):
-        async def get(self, request: web.Request) -> web.Response:
-            records = await asyncio.to_thread(_repo(app).list_runs, **list_query(request.query))
-            return self.json({"runs": [_summary(r) for r in records]})
 
-        async def post(self, request: web.Request) -> web.Response:
-            return answer(self, await submit_run(app, await http_guard.json_body(request, limit)))
+class HealthView(ExecutorView):
+    """``/health/``."""
 
-    @app.page("/runs/{run_id}/")
-    class Run(web.View):
-        async def get(self, request: web.Request, run_id: str) -> web.Response:
-            if not valid_run_id(run_id):
-                return self.json({"error": f"no run {run_id!r}"}, status=404)  # without asking PostgreSQL
-            try:
-                # table_route types the view's handler as (view, request) only.
-                return await self.owned(request, run_id=run_id)  # type: ignore[call-arg]
-            except aiohttp.ClientError:
-                return self.json(
-                    {"error": f"the worker that owns run {run_id!r} did not answer; try again"}, status=503
-                )
+    async def get(self, request: web.Request) -> web.Response:
+        """See :func:`health`."""
+        return self.answer(await health(self.app))
 
-        @app.table_route(table=app.runs, match_info="run_id")  # type: ignore[arg-type]
-        async def owned(self, request: web.Request, run_id: str) -> web.Response:
-            state = app.shell.load(run_id)  # None also for a state it cannot read: the record is shown
-            if state is not None:
-                return self.json(state_view(state))
-            record = await asyncio.to_thread(_repo(app).get_run, run_id)
-            if record is None:
-                return self.json({"error": f"no run {run_id!r}"}, status=404)
-            return self.json(record_view(record))
 
-    @app.page("/runs/{run_id}/{action}")
-    class RunAction(web.View):
-        async def post(self, request: web.Request, run_id: str, action: str) -> web.Response:
-            return answer(self, await run_command(app, run_id, action))
+class RunsView(ExecutorView):
+    """``/runs/``."""
 
-    @app.page("/agents/")
-    class Agents(web.View):
-        async def get(self, request: web.Request) -> web.Response:
-            entries = await asyncio.to_thread(_store(app).list)
-            return self.json({"agents": [e.redacted() for e in entries]})
+    async def get(self, request: web.Request) -> web.Response:
+        """See :func:`list_runs`."""
+        return self.answer(await list_runs(self.app, request.query))
 
-    @app.page("/agents/{name}")
-    class Agent(web.View):
-        async def get(self, request: web.Request, name: str) -> web.Response:
-            entry = await asyncio.to_thread(_store(app).get, name)
-            if entry is None:
-                return self.json({"error": f"no agent {name!r} in the registry"}, status=404)
-            return self.json(entry.redacted())
+    async def post(self, request: web.Request) -> web.Response:
+        """See :func:`submit_run`."""
+        return self.answer(await submit_run(self.app, await self.body(request)))
 
-        async def put(self, request: web.Request, name: str) -> web.Response:
-            return answer(self, await put_agent(app, name, await http_guard.json_body(request, limit)))
 
-        async def delete(self, request: web.Request, name: str) -> web.Response:
-            existed = await asyncio.to_thread(_store(app).delete, name)
-            if not existed:
-                return self.json({"error": f"no agent {name!r} in the registry"}, status=404)
-            return self.json({"deleted": name})
+class RunView(ExecutorView):
+    """``/runs/{run_id}/``: answered by the worker that owns the run (``table_route``)."""
+
+    def __post_init__(self) -> None:
+        """Route to the run's owner: ``table_route`` needs the app's table, so it wraps the handler here."""
+        # Faust makes one instance per app, when the page is added: the table is this app's.
+        route = self.app.table_route(table=self.app.runs, match_info="run_id")
+        # table_route types the handler as (view, request) only; it passes the run_id on.
+        self._owned: _RunHandler = route(_owned_run)  # type: ignore[arg-type]
+
+    async def get(self, request: web.Request, run_id: str) -> web.Response:
+        """See :func:`show_run`; a run id that cannot be a run's is 404 at once, an owner that does not answer 503."""
+        if not valid_run_id(run_id):
+            return self.answer(_error(404, f"no run {run_id!r}"))  # without asking PostgreSQL or another worker
+        try:
+            return await self._owned(self, request, run_id=run_id)
+        except aiohttp.ClientError:
+            return self.answer(_error(503, f"the worker that owns run {run_id!r} did not answer; try again"))
+
+
+_RunHandler = Callable[..., Awaitable[web.Response]]
+
+
+async def _owned_run(view: RunView, request: web.Request, run_id: str) -> web.Response:
+    """``GET /runs/{run_id}/`` on the worker that owns the run."""
+    return view.answer(await show_run(view.app, run_id))
+
+
+class RunActionView(ExecutorView):
+    """``/runs/{run_id}/{action}``."""
+
+    async def post(self, request: web.Request, run_id: str, action: str) -> web.Response:
+        """See :func:`run_command`."""
+        return self.answer(await run_command(self.app, run_id, action))
+
+
+class AgentsView(ExecutorView):
+    """``/agents/``."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """See :func:`list_agents`."""
+        return self.answer(await list_agents(self.app))
+
+
+class AgentView(ExecutorView):
+    """``/agents/{name}``."""
+
+    async def get(self, request: web.Request, name: str) -> web.Response:
+        """See :func:`show_agent`."""
+        return self.answer(await show_agent(self.app, name))
+
+    async def put(self, request: web.Request, name: str) -> web.Response:
+        """See :func:`put_agent`."""
+        return self.answer(await put_agent(self.app, name, await self.body(request)))
+
+    async def delete(self, request: web.Request, name: str) -> web.Response:
+        """See :func:`delete_agent`."""
+        return self.answer(await delete_agent(self.app, name))
+
+
+PAGES: tuple[tuple[str, type[ExecutorView]], ...] = (
+    ("/health/", HealthView),
+    ("/runs/", RunsView),
+    ("/runs/{run_id}/", RunView),
+    ("/runs/{run_id}/{action}", RunActionView),
+    ("/agents/", AgentsView),
+    ("/agents/{name}", AgentView),
+)
+"""Each page's path and view."""
+
+
+def register(app: ExecutorApp) -> None:
+    """Add the pages to the executor app, behind :mod:`switchyard.http_guard`."""
+    http_guard.install(app, app.settings)
+    for path, view in PAGES:
+        app.page(path)(view)
 
 
 def _problems(errors: Iterable[Any]) -> list[dict[str, str]]:

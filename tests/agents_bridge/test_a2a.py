@@ -1,4 +1,4 @@
-"""The A2A wire format: request shapes (checked with the SDK's own parsers), every mapping rule, cards."""
+"""The A2A wire format: request shapes (checked with the SDK's own parsers), every mapping rule."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import pytest
 from a2a.compat.v0_3 import conversions
 from a2a.compat.v0_3 import types as types_v03
 from a2a.helpers import get_data_parts, get_text_parts
-from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.types import a2a_pb2
 from google.protobuf.json_format import ParseDict  # type: ignore[import-untyped,unused-ignore]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents_bridge.a2a import (
-    AgentCardError,
     Completed,
     Failed,
     Interrupted,
@@ -26,15 +24,11 @@ from agents_bridge.a2a import (
     TaskState,
     cancel_task_request,
     get_task_request,
-    is_http_url,
     message_id_for,
-    parse_agent_card,
     parse_response,
     request_headers,
     send_message_request,
 )
-from examples.agents.researcher import SPEC as RESEARCHER
-from examples.agents.server import AgentConfig, build_card
 from models.messages import AgentTask
 
 _DEFAULT: Any = object()
@@ -470,96 +464,3 @@ def test_never_raises_on_a2a_like_json(doc: Any, request_id: int | str | None) -
         assert len(outcome.message) <= 2000
     if isinstance(outcome, Completed):
         json.dumps(outcome.output, allow_nan=False)  # always plain JSON
-
-
-# --- agent cards -----------------------------------------------------------------------------------------------------
-
-
-def sdk_card(protocol: str, url: str = "http://127.0.0.1:8101/") -> bytes:
-    """The card exactly as the SDK serves it for an example agent."""
-    card = build_card(RESEARCHER, AgentConfig(protocol=protocol), url)  # type: ignore[arg-type]
-    return json.dumps(agent_card_to_dict(card)).encode()
-
-
-@pytest.mark.parametrize(("protocol", "expected"), [("1.0", "1.0"), ("0.3", "0.3"), ("both", "1.0")])
-def test_cards_served_by_the_sdk(protocol: str, expected: str) -> None:
-    info = parse_agent_card(sdk_card(protocol), "http://127.0.0.1:8101")
-    assert info.name == "researcher"
-    assert info.url == "http://127.0.0.1:8101/"
-    assert info.protocol_version == expected
-    assert info.skills == ("research",)
-    assert info.description.startswith("Gathers")
-    assert info.version == "1.0.0"
-    assert info.streaming is False
-
-
-def test_a_plain_0_3_card_uses_the_top_level_url() -> None:
-    card = {"name": "old", "url": "https://agents.example.org/a2a", "protocolVersion": "0.3.0", "description": "d"}
-    info = parse_agent_card(json.dumps(card).encode(), "https://agents.example.org/")
-    assert (info.url, info.protocol_version) == ("https://agents.example.org/a2a", "0.3")
-    no_version = {"name": "old", "url": "http://h/"}
-    assert parse_agent_card(json.dumps(no_version).encode(), "http://h/").protocol_version == "0.3"
-
-
-def test_a_jsonrpc_interface_is_preferred_and_relative_urls_are_resolved() -> None:
-    card = {
-        "name": "multi",
-        "supportedInterfaces": [
-            {"url": "http://h/grpc", "protocolBinding": "GRPC", "protocolVersion": "1.0"},
-            {"url": "/a2a/v03", "protocolBinding": "JSONRPC", "protocolVersion": "0.3"},
-            {"url": "/a2a/v1", "protocolBinding": "jsonrpc", "protocolVersion": "1.0.2"},
-        ],
-    }
-    info = parse_agent_card(json.dumps(card).encode(), "https://h.example:8443/.well-known/agent-card.json")
-    assert (info.url, info.protocol_version) == ("https://h.example:8443/a2a/v1", "1.0")
-
-
-@pytest.mark.parametrize(
-    ("card", "reason"),
-    [
-        (b"not json", "not valid JSON"),
-        (b"[1]", "JSON list, not an object"),
-        (b'{"url": "http://h/"}', "has no name"),
-        (b'{"name": " ", "url": "http://h/"}', "has no name"),
-        (b'{"name": "x"}', "no JSONRPC interface"),
-        (b'{"name": "x", "supportedInterfaces": [{"url": "http://h", "protocolBinding": "GRPC"}]}', "no JSONRPC"),
-        (
-            b'{"name": "x", "supportedInterfaces": [{"url": "http://h", "protocolBinding": "JSONRPC", '
-            b'"protocolVersion": "2.0"}]}',
-            "no JSONRPC interface",
-        ),
-        (
-            b'{"name": "x", "supportedInterfaces": [{"url": "ftp://h/x", "protocolBinding": "JSONRPC", '
-            b'"protocolVersion": "1.0"}]}',
-            "'ftp://h/x' is not an http(s) URL",
-        ),
-        (
-            b'{"name": "x", "supportedInterfaces": [{"protocolBinding": "JSONRPC", "protocolVersion": "1.0"}]}',
-            "supportedInterfaces[0] has no url",
-        ),
-        (b'{"name": "x", "url": "javascript:alert(1)"}', "is not an http(s) URL"),
-        (b'{"name": "x", "url": "http://h/", "protocolVersion": "0.2.5"}', "neither 1.x nor 0.3"),
-        (b'{"name": "x", "url": "http://h/", "preferredTransport": "GRPC"}', "is not JSONRPC"),
-    ],
-)
-def test_invalid_cards_name_the_problem(card: bytes, reason: str) -> None:
-    with pytest.raises(AgentCardError, match=r".") as raised:
-        parse_agent_card(card, "http://h/")
-    assert reason in str(raised.value)
-    assert "\n" not in str(raised.value)
-
-
-@pytest.mark.parametrize(
-    ("url", "ok"),
-    [
-        ("http://127.0.0.1:8101/", True),
-        ("https://agents.example.org/a2a", True),
-        ("ftp://h/x", False),
-        ("file:///etc/passwd", False),
-        ("http:///nohost", False),
-        ("http://[::1", False),
-        ("javascript:alert(1)", False),
-    ],
-)
-def test_is_http_url(url: str, ok: bool) -> None:
-    assert is_http_url(url) is ok

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agents_bridge.a2a import AgentCardError, message_id_for
-from agents_bridge.calls import AgentCaller, CallSettings, backoff_delay, fetch_card, parse_retry_after
+from agents_bridge.a2a import message_id_for
+from agents_bridge.calls import AgentCaller, CallSettings, backoff_delay, parse_retry_after
 from examples.agents.researcher import SPEC as RESEARCHER
 from examples.agents.server import AgentConfig, AgentSpec, RunningAgent, start_agent
 from examples.agents.skills import research, summarize
@@ -451,44 +451,6 @@ async def test_the_secret_never_reaches_the_logs(
         assert SECRET not in record.getMessage(), record.name
         assert SECRET not in logging.Formatter().format(record), record.name
     assert all(SECRET not in r.model_dump_json() for r in results)
-
-
-# --- agent cards -----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("protocol", "expected"), [("1.0", "1.0"), ("0.3", "0.3"), ("both", "1.0")])
-async def test_fetch_card(start: StartAgent, session: aiohttp.ClientSession, protocol: str, expected: str) -> None:
-    agent = await start(protocol=protocol)
-    info = await fetch_card(session, agent.url)
-    assert (info.name, info.url, info.protocol_version) == ("researcher", agent.url, expected)
-    same = await fetch_card(session, agent.url.rstrip("/") + "/.well-known/agent-card.json")
-    assert same == info
-
-
-async def test_fetch_card_errors(start: StartAgent, session: aiohttp.ClientSession) -> None:
-    agent = await start()
-    with pytest.raises(AgentCardError, match=r"^cannot reach http://127\.0\.0\.1:\d+/\.well-known/agent-card\.json"):
-        await fetch_card(session, f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(AgentCardError, match=r"answered HTTP 404$"):
-        await fetch_card(session, agent.url + "nowhere/")
-    with pytest.raises(AgentCardError, match="is not an http"):
-        await fetch_card(session, "ftp://127.0.0.1/")
-
-
-async def test_fetch_card_rejects_an_invalid_card(session: aiohttp.ClientSession) -> None:
-    async def card(request: web.Request) -> web.Response:
-        return web.json_response({"name": "x", "url": "file:///etc/passwd"})
-
-    app = web.Application()
-    app.router.add_get("/.well-known/agent-card.json", card)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        with pytest.raises(AgentCardError, match="is not an http"):
-            await fetch_card(session, f"http://127.0.0.1:{runner.addresses[0][1]}")
-    finally:
-        await runner.cleanup()
 
 
 # --- pure helpers ----------------------------------------------------------------------------------------------------

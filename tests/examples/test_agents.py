@@ -22,13 +22,13 @@ from a2a.types import a2a_pb2
 from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import ParseDict  # type: ignore[import-untyped,unused-ignore]
 
-from agents_bridge.a2a import parse_agent_card
 from examples.agents.researcher import SPEC as RESEARCHER
 from examples.agents.reviewer import SPEC as REVIEWER
 from examples.agents.server import AgentConfig, AgentSpec, running_agent
 from examples.agents.skills import SkillInputError, research, review, summarize
 from examples.agents.summarizer import SPEC as SUMMARIZER
 from models.agents import AgentEntry
+from switchyard.agent_cards import parse_agent_card
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,16 @@ from pydantic import JsonValue
 from models.messages import AgentResult, AgentTask, ErrorKind, ResultStatus, decode
 from models.plan import WorkflowPlan
 from models.run import AgentResultReceived, RetryRequested, RunState, RunStatus, StepStatus, execution_key
-from streams.run_store import Layout, inline_of, is_split, parts_named_by, read_state, records_of
+from streams.run_store import (
+    SMALL_RUN_HEAD_BYTES,
+    SMALL_RUN_PARTS,
+    Layout,
+    inline_of,
+    is_split,
+    parts_named_by,
+    read_state,
+    records_of,
+)
 from tests.models.run_builders import INPUT, RUN_ID, at, failure, make_plan, result, start, step, submitted
 from tests.streams.test_shell import Rig, make_rig
 from tests.streams.test_views import chain_answer, chain_plan, drive, loop_answer, loop_plan, map_answer, map_plan
@@ -166,16 +175,70 @@ async def test_a_chain_runs_head_stays_about_the_same_size_across_its_steps() ->
     keys = list(final.executions)
     assert keys == [execution_key(f"s{i}") for i in range(1, 51)]
 
-    # After step n+1 the head names n more executions and n more steps than after step 1 (s1 done, s2 open):
-    # their keys are all it gains.
-    for n, size in enumerate(heads[1:], start=1):
-        added = keys[2 : n + 2]
-        steps_added = [f"s{i}" for i in range(3, n + 3)]
-        allowed = (
-            heads[0] + sum(execution_cost(k) for k in added) + sum(execution_cost(s) for s in steps_added) + DIGIT_SLACK
-        )
-        assert size <= allowed, f"after step {n + 1} the head is {size} bytes, {size - heads[0]} more than after step 1"
-    assert heads[-1] < 2 * heads[0]
+    # While the run is small its head holds its steps and executions. From the step after it stops being
+    # small (step `first`: the run holds first + 1 steps and executions), the head after step n holds the
+    # executions and steps of step `first`'s head and the keys of the n - first executions and steps added since.
+    first = SMALL_RUN_PARTS // 2 + 1
+    base = heads[first - 1]
+    for n, size in enumerate(heads[first:], start=first + 1):
+        added = keys[first + 1 : n + 1]
+        steps_added = [f"s{i}" for i in range(first + 2, n + 2)]
+        allowed = base + sum(execution_cost(k) for k in added) + sum(execution_cost(s) for s in steps_added)
+        assert size <= allowed + DIGIT_SLACK, f"after step {n} the head is {size} bytes, {size - base} more"
+    assert heads[-1] < 2 * base
+    assert max(heads[:first]) < 2 * base  # a small run's head: a few steps, never more than about twice that
+
+
+async def test_a_small_run_writes_its_head_alone_at_each_event() -> None:
+    # A chain of 3: its plan, its input and its head at the start, then one record (the head) per result.
+    rig, runs = counting_rig()
+    await rig.shell.handle(submitted(make_plan(3)))
+    assert runs.written == [PLAN_KEY, INPUT_KEY, KEY]
+    for index in range(1, 4):
+        runs.forget()
+        await rig.shell.handle(result(rig.state(), at(index)))
+        assert runs.written == [KEY]
+    final = rig.state()
+    assert final.status is RunStatus.COMPLETED
+    assert sorted(json.loads(runs[KEY])["inline"]) == ["s1@1", "s2@1", "s3@1"]
+    assert set(records_in(runs)) == {KEY, PLAN_KEY, INPUT_KEY}
+    assert_stored_exactly(runs, final)
+
+
+async def test_a_run_that_grows_past_small_moves_what_settled_to_its_parts_once() -> None:
+    rig, runs = counting_rig()
+    steps = SMALL_RUN_PARTS
+    await rig.shell.handle(submitted(make_plan(steps)))
+    written: list[list[bytes]] = []
+    for index in range(1, steps + 1):
+        runs.forget()
+        await rig.shell.handle(result(rig.state(), at(index)))
+        written.append(list(runs.written))
+    small = SMALL_RUN_PARTS // 2  # the results after which the run still holds at most SMALL_RUN_PARTS
+    assert all(w == [KEY] for w in written[: small - 1]), written
+    # The first result past it moves every step and execution the stored head held and this one left alone.
+    moved = written[small - 1]
+    assert moved[-1] == KEY
+    assert sorted(moved[:-1]) == sorted(
+        [*(LAYOUT.execution(f"s{i}@1") for i in range(1, small)), *(LAYOUT.step(f"s{i}") for i in range(1, small))]
+    )
+    # Then as for any run: what the event before changed, and the head.
+    for index, keys in enumerate(written[small:], start=small + 1):
+        assert_written(keys, [f"s{index}@1"], [LAYOUT.step(f"s{index - 1}")])
+    assert_stored_exactly(runs, rig.state())
+
+
+async def test_a_small_run_with_a_large_head_moves_what_settled_to_its_parts() -> None:
+    # Two steps only, but s1's output alone is larger than a small run's head may be.
+    rig, runs = counting_rig()
+    await rig.shell.handle(submitted(make_plan(3)))
+    await rig.shell.handle(result(rig.state(), at(1), output={"summary": "x" * SMALL_RUN_HEAD_BYTES}))
+    assert len(runs[KEY]) > SMALL_RUN_HEAD_BYTES  # s1's execution changed: in the head
+    runs.forget()
+    await rig.shell.handle(result(rig.state(), at(2)))
+    assert LAYOUT.execution("s1@1") in runs.written
+    assert "s1@1" not in json.loads(runs[KEY])["inline"]
+    assert_stored_exactly(runs, rig.state())
 
 
 async def test_each_result_writes_the_head_and_only_the_executions_and_the_step_it_changed() -> None:
@@ -531,12 +594,12 @@ async def test_a_stored_run_over_a_lowered_limit_failed_too_large_leaves_no_orph
 async def test_a_run_whose_stored_part_is_missing_is_failed_and_leaves_no_orphan_part() -> None:
     # A head that names a part the table lost: the run cannot be read, and fails (unreadable_state).
     donor, runs = counting_rig()
-    await run_long_history(donor, n_steps=4)
+    await run_long_history(donor, n_steps=SMALL_RUN_PARTS)  # not small any more: s1@1 has its own record
     del runs[Layout(RUN_ID).execution("s1@1")]
     rig, _ = counting_rig(runs)  # a restarted worker: nothing parsed yet
 
     assert rig.shell.load(RUN_ID) is None
-    await rig.shell.handle(result(start(make_plan(4)), at(10)))
+    await rig.shell.handle(result(start(make_plan(SMALL_RUN_PARTS)), at(10)))
 
     state = rig.state()
     assert state.status is RunStatus.FAILED
