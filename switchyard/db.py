@@ -7,6 +7,8 @@ All functions here block; async callers run them in a worker thread
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from models.messages import submission_fingerprint, utcnow
+from models.plan import WorkflowPlan
 from models.records import RunExecution, StepExecution, WorkflowRun
 from models.run import RunState, RunStatus
 
@@ -35,6 +38,7 @@ __all__ = [
     "create_schema",
     "make_engine",
     "normalize_url",
+    "postgresql_json",
     "snapshot_rows",
     "state_of",
     "storable",
@@ -65,6 +69,7 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, echo: b
     """
     return create_engine(
         normalize_url(url),
+        json_serializer=postgresql_json,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=True,
@@ -209,7 +214,12 @@ class WorkflowRepository(_Repository):
             if with_steps and isinstance(state, dict) and isinstance(keys, list):
                 # The whole state, for the views: the executions are in their own rows.
                 executions = _executions_of(session, run_id)
-                whole = {**state, "executions": {str(k): executions.get(str(k)) for k in keys}}
+                whole = {
+                    "plan": record.plan,
+                    "input": record.input,
+                    **state,
+                    "executions": {str(k): executions.get(str(k)) for k in keys},
+                }
                 record = record.model_copy(update={"state": whole})
             return record
 
@@ -235,10 +245,12 @@ class WorkflowRepository(_Repository):
     def get_state(self, run_id: str) -> RunState | None:
         """The run's last snapshot as a state, or None (unknown run, or recorded without one)."""
         with self._begin() as session:
-            raw = session.scalar(select(WorkflowRun.state).where(WorkflowRun.run_id == run_id))
-            if raw is None:
+            row = session.execute(
+                select(WorkflowRun.state, WorkflowRun.plan, WorkflowRun.input).where(WorkflowRun.run_id == run_id)
+            ).one_or_none()
+            if row is None or row.state is None:
                 return None
-            return state_of(raw, _executions_of(session, run_id))
+            return state_of(row.state, _executions_of(session, run_id), row.plan, row.input)
 
     def exists(self, run_id: str) -> str | None:
         """The recorded status of a run, or None when there is no such run."""
@@ -301,6 +313,24 @@ class WorkflowRepository(_Repository):
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+_ESCAPED_NUL: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+r"""A NUL character escaped in JSON text (``\u0000`` after an even run of backslashes, not an escaped backslash)."""
+
+
+def postgresql_json(value: Any) -> str:
+    r"""JSON text for a JSONB column, with every NUL character (which JSONB refuses) as U+FFFD.
+
+    The engine's serializer: one NUL in a run's input or an agent's output
+    must not stop the record of that run, or of the others in its batch. It
+    works on the JSON text, where a NUL can only be the escape ``\u0000``:
+    rewriting the escapes costs nothing when there are none, where walking
+    every value of every row (what :func:`storable` does) cost the
+    checkpointer a tenth of the executor's CPU.
+    """
+    text = json.dumps(value)
+    return _ESCAPED_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+
 def storable(value: Any) -> Any:
     """JSON that PostgreSQL can store: NUL characters become U+FFFD.
 
@@ -346,16 +376,17 @@ def snapshot_rows(
     Returns:
         The run row, the execution rows and the attempt rows.
     """
-    dump = storable(state.model_dump(mode="json", exclude={"executions"}))
+    dump = state.model_dump(mode="json", exclude={"executions", "plan", "input"})
     run_row = {
         "run_id": state.run_id,
         "workflow_id": state.plan.workflow_id,
         "workflow_version": state.plan.version,
         "status": str(state.status),
-        "input": dump["input"],
+        "input": state.input,
         "output": dump["output"],
         "error": dump["error"],
-        "plan": dump["plan"],
+        "plan": _plan_json(state.plan),
+        # The plan and the input are in their own columns (state_of puts them back).
         "state": {**dump, "executions": list(state.executions)},
         "version": state.version,
         "created_at": state.created_at,
@@ -372,12 +403,12 @@ def snapshot_rows(
             {
                 "run_id": state.run_id,
                 "execution_key": key,
-                "record": storable(execution.model_dump(mode="json")),
+                "record": execution.model_dump(mode="json"),
                 "run_version": state.version,
             }
         )
         for attempt in execution.attempts:
-            attempt_dump = storable(attempt.model_dump(mode="json", include={"input", "output", "error"}))
+            attempt_dump = attempt.model_dump(mode="json", include={"input", "output", "error"})
             step_rows.append(
                 {
                     "run_id": state.run_id,
@@ -444,11 +475,29 @@ def _execution_upsert() -> Executable:
 _EXECUTION_UPSERT: Final = _execution_upsert()
 
 
-def state_of(raw: Any, executions: Mapping[str, Any]) -> RunState:
+def _plan_json(plan: WorkflowPlan) -> Any:
+    """A plan as JSON, made once per plan: every snapshot of a run shares its plan object."""
+    kept = _PLAN_JSON.get(id(plan))
+    if kept is not None and kept[0] is plan:
+        return kept[1]
+    data = plan.model_dump(mode="json")
+    if len(_PLAN_JSON) >= _PLAN_JSON_SIZE:
+        del _PLAN_JSON[next(iter(_PLAN_JSON))]
+    _PLAN_JSON[id(plan)] = (plan, data)  # the plan is kept alive with its id: the id cannot be reused meanwhile
+    return data
+
+
+_PLAN_JSON: dict[int, tuple[WorkflowPlan, Any]] = {}
+_PLAN_JSON_SIZE: Final = 4096
+
+
+def state_of(raw: Any, executions: Mapping[str, Any], plan: Any = None, run_input: Any = None) -> RunState:
     """A run state from its ``state`` column and its ``run_executions`` records (by key).
 
-    A ``state`` written before executions had their own rows holds them
-    itself, and is read as it is.
+    The state column leaves out the plan and the input, which have their own
+    columns (``plan`` and ``input``, given here). A ``state`` written before executions
+    had their own rows holds them itself, and its plan and input, and is read
+    as it is.
 
     Raises:
         ValueError: The state cannot be read, or names an execution that has no row.
@@ -458,7 +507,8 @@ def state_of(raw: Any, executions: Mapping[str, Any]) -> RunState:
     missing = [key for key in raw["executions"] if key not in executions]
     if missing:
         raise ValueError(f"the run's state names execution(s) with no record: {', '.join(missing[:5])}")
-    return RunState.model_validate({**raw, "executions": {key: executions[key] for key in raw["executions"]}})
+    whole = {"plan": plan, "input": run_input, **raw}
+    return RunState.model_validate({**whole, "executions": {key: executions[key] for key in raw["executions"]}})
 
 
 def upsert_snapshots(session: Session, states: Iterable[RunState | Snapshot]) -> int:

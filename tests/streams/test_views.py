@@ -481,8 +481,9 @@ def test_a_step_on_a_route_not_taken_is_skipped_with_its_reason_and_no_output() 
 def record_of(state: RunState, *, with_snapshot: bool = True) -> RunRecord:
     """The record PostgreSQL holds of a state (its run row and attempt rows), with or without its snapshot."""
     run_row, execution_rows, step_rows = snapshot_rows(state)
-    # As WorkflowRepository.get_run reads it back: the run's state with its executions' rows.
-    whole = {**run_row["state"], "executions": {row["execution_key"]: row["record"] for row in execution_rows}}
+    # As WorkflowRepository.get_run reads it back: the run's state with its plan, its input and its executions' rows.
+    executions = {row["execution_key"]: row["record"] for row in execution_rows}
+    whole = {"plan": run_row["plan"], "input": run_row["input"], **run_row["state"], "executions": executions}
     return RunRecord.model_validate(
         {
             **run_row,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import JsonValue
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +33,10 @@ from switchyard.db import (
     WorkflowRepository,
     create_schema,
     normalize_url,
+    postgresql_json,
     snapshot_rows,
+    state_of,
+    storable,
     upsert_snapshots,
 )
 from tests.streams.test_views import drive, loop_answer, loop_plan, map_answer, map_plan
@@ -350,6 +356,12 @@ def test_snapshot_rows_describe_every_attempt() -> None:
     assert run_row["status"] == "COMPLETED"
     # The run row's state names its executions; each has its own row (stored once).
     assert run_row["state"]["executions"] == ["research@1", "summarize@1"]
+    # The plan and the input have their own columns: the state leaves them out, and reads back whole with them.
+    assert "plan" not in run_row["state"]
+    assert "input" not in run_row["state"]
+    assert run_row["plan"] == final.plan.model_dump(mode="json")
+    records = {r["execution_key"]: r["record"] for r in execution_rows}
+    assert state_of(run_row["state"], records, run_row["plan"], run_row["input"]) == final
     assert [r["execution_key"] for r in execution_rows] == ["research@1", "summarize@1"]
     assert [r["record"] for r in execution_rows] == [e.model_dump(mode="json") for e in final.executions.values()]
     assert run_row["output"] == {"summary": "short"}
@@ -627,6 +639,23 @@ def test_schema_creation_from_many_processes_at_once(postgres_server) -> None:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
     assert errors == []
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(alphabet=st.sampled_from('a\\\x00u0\ufffd"')),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.text(alphabet=st.sampled_from("k\\\x00u0")), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_the_json_written_to_postgresql_has_every_nul_replaced_and_nothing_else(value: JsonValue) -> None:
+    # Backslashes next to NULs, and text that spells the escape itself, are what a rewrite of the JSON text
+    # could get wrong: the text must read back as the value with each NUL replaced, and only those.
+    text = postgresql_json(value)
+    assert json.loads(text) == storable(value)
 
 
 def test_nul_characters_are_stored_as_replacement_characters(engine: Engine) -> None:
