@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -481,13 +482,15 @@ def _plan_json(plan: WorkflowPlan) -> Any:
     if kept is not None and kept[0] is plan:
         return kept[1]
     data = plan.model_dump(mode="json")
-    if len(_PLAN_JSON) >= _PLAN_JSON_SIZE:
-        del _PLAN_JSON[next(iter(_PLAN_JSON))]
-    _PLAN_JSON[id(plan)] = (plan, data)  # the plan is kept alive with its id: the id cannot be reused meanwhile
+    with _PLAN_JSON_LOCK:  # checkpointers of several apps in one process (tests) share it
+        if len(_PLAN_JSON) >= _PLAN_JSON_SIZE:
+            del _PLAN_JSON[next(iter(_PLAN_JSON))]
+        _PLAN_JSON[id(plan)] = (plan, data)  # the plan is kept alive with its id: the id cannot be reused meanwhile
     return data
 
 
 _PLAN_JSON: dict[int, tuple[WorkflowPlan, Any]] = {}
+_PLAN_JSON_LOCK: Final = threading.Lock()
 _PLAN_JSON_SIZE: Final = 4096
 
 
