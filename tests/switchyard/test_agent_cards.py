@@ -23,6 +23,7 @@ from switchyard.agent_cards import (
     is_http_url,
     parse_agent_card,
 )
+from tests.switchyard.test_http_read import serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,13 +45,8 @@ async def serving_card(handler: Callable[[web.Request], Awaitable[web.StreamResp
     """Serve ``handler`` at the well-known card path on a free port; yields the base URL."""
     app = web.Application()
     app.router.add_get(AGENT_CARD_PATH, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
