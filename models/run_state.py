@@ -16,7 +16,7 @@ Pure data: the transitions live in :mod:`models.run`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -37,6 +37,8 @@ __all__ = [
     "StepState",
     "StepStatus",
     "execution_key",
+    "map_item_counts",
+    "map_item_keys",
     "step_output",
 ]
 
@@ -129,6 +131,24 @@ class RunError(BaseModel):
     iteration: int | None = None
     item: int | None = None
     details: JsonValue = None
+
+
+def map_item_counts(state: RunState) -> dict[str, list[int]]:
+    """How many items each map step has started, per iteration (its earlier ones, then its current one).
+
+    This names a run's item executions (:func:`map_item_keys`) without listing
+    them: a map of 1,000 items is a number, not 1,000 keys, in what is stored
+    at every change.
+    """
+    return {k: [*s.past_items, s.next_item] for k, s in state.steps.items() if s.next_item or s.past_items}
+
+
+def map_item_keys(counts: Mapping[str, Sequence[int]]) -> Iterator[str]:
+    """The keys of the item executions that :func:`map_item_counts` counted, step by step, in order."""
+    for step_id, per_iteration in counts.items():
+        for iteration, count in enumerate(per_iteration, start=1):
+            for item in range(count):
+                yield execution_key(step_id, iteration, item)
 
 
 def execution_key(step_id: str, iteration: int = 1, item: int | None = None) -> str:

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from models.run import RunState, RunStatus, execution_key
+from models.run import RunState, RunStatus
+from models.run_state import map_item_counts, map_item_keys
 
 __all__ = [
     "SMALL_RUN_HEAD_BYTES",
@@ -142,7 +143,7 @@ def _head(
     }
     # A map's item executions are named by their counts (one per iteration), not one by one.
     data["executions"] = plain_keys
-    data["map_items"] = {k: [*s.past_items, s.next_item] for k, s in state.steps.items() if s.next_item or s.past_items}
+    data["map_items"] = map_item_counts(state)
     data["inline"] = {
         k: state.executions[k].model_dump(mode="json", exclude_defaults=True) for k in sorted(inline_executions)
     }
@@ -304,11 +305,7 @@ def parts_named_by(run_id: str, raw: bytes) -> list[bytes]:
     if isinstance(maps, dict):
         for step_id, counts in maps.items():
             if isinstance(counts, list) and all(isinstance(c, int) for c in counts):
-                named.extend(
-                    layout.execution(execution_key(str(step_id), it, i))
-                    for it, count in enumerate(counts, start=1)
-                    for i in range(count)
-                )
+                named.extend(layout.execution(k) for k in map_item_keys({str(step_id): counts}))
     return named
 
 
@@ -370,9 +367,7 @@ def read_state(table: MutableMapping[bytes, bytes], run_id: str, raw: bytes) -> 
         raise MissingPart(f"the head of run {run_id!r} has no {'plan' if plan_raw is None else 'input'} record")
     run = f"run {run_id!r}"
     head["steps"] = _gathered(table, head.pop("steps"), head.pop("inline_steps"), layout.step, run, "step")
-    keys = list(head.pop("executions"))
-    for step_id, counts in head.pop("map_items").items():
-        keys.extend(execution_key(step_id, it, i) for it, count in enumerate(counts, start=1) for i in range(count))
+    keys = [*head.pop("executions"), *map_item_keys(head.pop("map_items"))]
     executions = _gathered(table, keys, head.pop("inline"), layout.execution, run, "execution")
     for step_id, iteration in head.pop("items").items():
         part = table.get(layout.items(step_id, iteration))

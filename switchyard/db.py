@@ -29,6 +29,7 @@ from models.messages import submission_fingerprint, utcnow
 from models.plan import WorkflowPlan
 from models.records import RunExecution, StepExecution, WorkflowRun
 from models.run import RunState, RunStatus
+from models.run_state import map_item_counts, map_item_keys
 
 __all__ = [
     "RunRecord",
@@ -37,6 +38,7 @@ __all__ = [
     "StepRecord",
     "WorkflowRepository",
     "create_schema",
+    "execution_keys_of",
     "make_engine",
     "normalize_url",
     "postgresql_json",
@@ -211,15 +213,15 @@ class WorkflowRepository(_Repository):
                 return None
             record = _to_record(run, with_steps=with_steps)
             state = record.state
-            keys = state.get("executions") if isinstance(state, dict) else None
-            if with_steps and isinstance(state, dict) and isinstance(keys, list):
+            if with_steps and isinstance(state, dict) and isinstance(state.get("executions"), list):
                 # The whole state, for the views: the executions are in their own rows.
                 executions = _executions_of(session, run_id)
+                keys = execution_keys_of(state)
                 whole = {
                     "plan": record.plan,
                     "input": record.input,
-                    **state,
-                    "executions": {str(k): executions.get(str(k)) for k in keys},
+                    **{k: v for k, v in state.items() if k != "map_items"},
+                    "executions": {k: executions.get(k) for k in keys},
                 }
                 record = record.model_copy(update={"state": whole})
             return record
@@ -388,7 +390,7 @@ def snapshot_rows(
         "error": dump["error"],
         "plan": _plan_json(state.plan),
         # The plan and the input are in their own columns (state_of puts them back).
-        "state": {**dump, "executions": list(state.executions)},
+        "state": {**dump, **_execution_keys(state)},
         "version": state.version,
         "created_at": state.created_at,
         "started_at": state.started_at,
@@ -477,6 +479,25 @@ def _execution_upsert() -> Executable:
 _EXECUTION_UPSERT: Final = _execution_upsert()
 
 
+def _execution_keys(state: RunState) -> dict[str, Any]:
+    """How the ``state`` column names a run's executions: their keys, a map's items by their counts.
+
+    A map of 1,000 items would otherwise write 1,000 keys at every checkpoint.
+    The counts are used only when they name exactly the executions the run
+    has (a reduced state may have given some up): else every key is listed.
+    """
+    counts = map_item_counts(state)
+    plain = [k for k, e in state.executions.items() if e.item is None]
+    if len(plain) + sum(sum(c) for c in counts.values()) == len(state.executions):
+        return {"executions": plain, "map_items": counts}
+    return {"executions": list(state.executions)}
+
+
+def execution_keys_of(raw: Mapping[str, Any]) -> list[str]:
+    """The keys of the executions a ``state`` column names (:func:`_execution_keys`), in order."""
+    return [*(str(k) for k in raw.get("executions") or ()), *map_item_keys(raw.get("map_items") or {})]
+
+
 def _plan_json(plan: WorkflowPlan) -> Any:
     """A plan as JSON, made once per plan: every snapshot of a run shares its plan object."""
     kept = _PLAN_JSON.get(id(plan))
@@ -508,11 +529,13 @@ def state_of(raw: Any, executions: Mapping[str, Any], plan: Any = None, run_inpu
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("executions"), list):
         return RunState.model_validate(raw)
-    missing = [key for key in raw["executions"] if key not in executions]
+    keys = execution_keys_of(raw)
+    missing = [key for key in keys if key not in executions]
     if missing:
         raise ValueError(f"the run's state names execution(s) with no record: {', '.join(missing[:5])}")
     whole = {"plan": plan, "input": run_input, **raw}
-    return RunState.model_validate({**whole, "executions": {key: executions[key] for key in raw["executions"]}})
+    whole.pop("map_items", None)
+    return RunState.model_validate({**whole, "executions": {key: executions[key] for key in keys}})
 
 
 def upsert_snapshots(session: Session, states: Iterable[RunState | Snapshot]) -> int:

@@ -483,7 +483,8 @@ def record_of(state: RunState, *, with_snapshot: bool = True) -> RunRecord:
     run_row, execution_rows, step_rows = snapshot_rows(state)
     # As WorkflowRepository.get_run reads it back: the run's state with its plan, its input and its executions' rows.
     executions = {row["execution_key"]: row["record"] for row in execution_rows}
-    whole = {"plan": run_row["plan"], "input": run_row["input"], **run_row["state"], "executions": executions}
+    stored = {k: v for k, v in run_row["state"].items() if k != "map_items"}
+    whole = {"plan": run_row["plan"], "input": run_row["input"], **stored, "executions": executions}
     return RunRecord.model_validate(
         {
             **run_row,

@@ -350,6 +350,22 @@ def test_a_refused_submission_is_recorded_once_without_a_state(engine: Engine) -
 # ---------------------------------------------------------- snapshot upsert
 
 
+def test_the_state_column_names_a_maps_items_by_their_count() -> None:
+    final = drive(map_plan(), map_answer, {"n": 4})[-1]
+    run_row, execution_rows, _ = snapshot_rows(final)
+    item_keys = [k for k, e in final.executions.items() if e.item is not None]
+    assert len(item_keys) == 4
+    assert not set(item_keys) & set(run_row["state"]["executions"])
+    assert run_row["state"]["map_items"] == {"each": [4]}
+    records = {r["execution_key"]: r["record"] for r in execution_rows}
+    assert state_of(run_row["state"], records, run_row["plan"], run_row["input"]) == final
+    # A state whose counts would not name its executions (a reduced one) lists every key.
+    fewer = final.model_copy(update={"executions": {k: e for k, e in final.executions.items() if k != item_keys[0]}})
+    listed = snapshot_rows(fewer)[0]["state"]
+    assert "map_items" not in listed
+    assert listed["executions"] == list(fewer.executions)
+
+
 def test_snapshot_rows_describe_every_attempt() -> None:
     final = _history("rows-run")[-1]
     run_row, execution_rows, step_rows = snapshot_rows(final)
