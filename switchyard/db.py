@@ -513,7 +513,8 @@ def _plan_json(plan: WorkflowPlan) -> Any:
 
 _PLAN_JSON: dict[int, tuple[WorkflowPlan, Any]] = {}
 _PLAN_JSON_LOCK: Final = threading.Lock()
-_PLAN_JSON_SIZE: Final = 4096
+_PLAN_JSON_SIZE: Final = 256
+"""Plans kept dumped: a checkpoint batch of runs in flight, not every run (a plan may be up to a megabyte)."""
 
 
 def state_of(raw: Any, executions: Mapping[str, Any], plan: Any = None, run_input: Any = None) -> RunState:
