@@ -27,7 +27,7 @@ from models.run import (
     transition,
 )
 from streams.views import record_view, state_view
-from switchyard.db import RunRecord, StepRecord, snapshot_rows
+from switchyard.db import RunRecord, StepRecord, snapshot_rows, whole_state
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RUN_ID = "run-v"
@@ -483,8 +483,7 @@ def record_of(state: RunState, *, with_snapshot: bool = True) -> RunRecord:
     run_row, execution_rows, step_rows = snapshot_rows(state)
     # As WorkflowRepository.get_run reads it back: the run's state with its plan, its input and its executions' rows.
     executions = {row["execution_key"]: row["record"] for row in execution_rows}
-    stored = {k: v for k, v in run_row["state"].items() if k != "map_items"}
-    whole = {"plan": run_row["plan"], "input": run_row["input"], **stored, "executions": executions}
+    whole = whole_state(run_row["state"], executions, run_row["plan"], run_row["input"])
     return RunRecord.model_validate(
         {
             **run_row,
