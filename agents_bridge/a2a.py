@@ -12,12 +12,17 @@ Requests
       (:func:`request_headers`). Protocol 0.3 uses ``message/send``,
       ``tasks/get`` and ``tasks/cancel``, parts with a ``kind``, role ``user``,
       and no version header.
-    * The message id is a UUID 5 of the correlation id (:func:`message_id_for`),
-      so a repeated attempt carries the same id and an agent that deduplicates
-      can. The idempotency key (the correlation id) with ``run_id``,
-      ``step_id`` and ``attempt`` travels as ``metadata`` twice: on the request
-      (what the SDK hands the executor as ``RequestContext.metadata``) and on
-      the message (kept in the task's history).
+    * The message id is a UUID 5 of the call id (:func:`message_id_for`): the
+      correlation id for an attempt's first message, ``<correlation id>#<turn>``
+      for the answer of turn ``turn``. A repeated attempt (or turn) carries the
+      same id, so an agent that deduplicates can, and the bridge finds its own
+      answer in the task's history (:mod:`agents_bridge.calls`). The
+      idempotency key (the call id too: the correlation id at turn 0, so an
+      agent that deduplicates by key never takes an answer for a repeat) with
+      ``run_id``, ``step_id``, ``attempt`` and ``turn`` travels as
+      ``metadata`` twice: on the request (what the SDK hands the executor as
+      ``RequestContext.metadata``) and on the message (kept in the task's
+      history).
     * The step input is one data part. In 0.3 a data part must be an object, so
       any other value is wrapped as ``{"value": v}`` with the part metadata
       ``data_part_compat: true``, exactly as the SDK's own conversion does.
@@ -25,8 +30,18 @@ Requests
       part with that string follows the data part, for agents that only read
       text (the SDK refuses empty text parts); the data part stays the
       authoritative input.
+    * An answer (a task with a ``reply``, turn 1 on) continues the agent's
+      waiting task: its message carries the task's ``taskId`` and ``contextId``
+      (both versions spell them so on the Message) and the answer instead of
+      the step input: a text part for a non-empty ``reply.text``, then a data
+      part for a ``reply.data`` that is not None (wrapped in 0.3 like the
+      input). An answer with neither goes as one empty object data part
+      (``{}``): a message needs a part, and the SDK refuses an empty text part.
     * 1.0 requests ask for ``historyLength: 0`` so the answer does not echo the
       input back. 0.3 reads 0 as "unlimited", so 0.3 requests leave it out.
+      ``get_task_request(..., history=True)`` asks for the whole history:
+      1.0 leaves ``historyLength`` out (the SDK then trims nothing), and so
+      does 0.3, as always.
 
 Responses (:func:`parse_response`, which never raises)
     * A task ``COMPLETED`` gives :class:`Completed`. Its ``output`` merges the
@@ -36,12 +51,21 @@ Responses (:func:`parse_response`, which never raises)
       object counts as ``{"data": value}``; text parts are joined with
       newlines as ``text`` unless a data part already set ``text``. File parts
       are not merged. The artifacts are kept as they came. The task's history
-      (the caller's own messages) is ignored.
+      is never merged; only the ids of its messages are read.
     * ``FAILED``, ``REJECTED`` and ``CANCELED`` give :class:`Failed` with kind
       ``agent_failed`` and the text of the status message (or the state when
       the agent gave no text); not retriable, the agent said no.
     * ``SUBMITTED`` and ``WORKING`` give :class:`Pending`: poll ``GetTask``.
-    * ``INPUT_REQUIRED`` and ``AUTH_REQUIRED`` give :class:`Interrupted`.
+    * ``INPUT_REQUIRED`` and ``AUTH_REQUIRED`` give :class:`Interrupted`: the
+      status message's text (up to ``MAX_TEXT_CHARS`` for a question,
+      ``MAX_MESSAGE_CHARS`` otherwise, or a default sentence), its data parts
+      merged like an output's (None when it has none), the task's id and
+      ``contextId``.
+    * Every outcome read from a task (:class:`Completed`, :class:`Pending`,
+      :class:`Interrupted`) carries ``history_ids``: the ``messageId`` of each
+      message in the task's ``history``, in order. An absent history, one that
+      is not a list, and entries without a string id are passed over (the
+      ids are a hint for not sending an answer twice, not part of the outcome).
     * A direct ``Message`` reply gives :class:`Completed` from its parts.
     * A JSON-RPC error gives ``Failed("jsonrpc_error", "code N: message")``,
       retriable only for -32603 (internal error: the a2a-sdk answers it when
@@ -74,7 +98,7 @@ from typing import Any, Final, Literal
 from pydantic import JsonValue
 
 from models.agents import ProtocolVersion
-from models.messages import AgentTask, ErrorKind
+from models.messages import MAX_TEXT_CHARS, AgentTask, ErrorKind, Reply
 from switchyard.wire import StrictJsonError, clip, snippet, strict_loads
 
 __all__ = [
@@ -136,11 +160,19 @@ _PENDING: Final = frozenset({TaskState.SUBMITTED, TaskState.WORKING})
 
 @dataclass(frozen=True)
 class Completed:
-    """The agent finished: its output, and the artifacts as they came."""
+    """The agent finished: its output, and the artifacts as they came.
+
+    Attributes:
+        output: The artifacts' and the status message's parts, merged.
+        artifacts: The artifacts as they came.
+        task_id: The task's id (None for a direct Message reply).
+        history_ids: The message ids in the task's history, in order.
+    """
 
     output: JsonObject
     artifacts: list[JsonObject] = field(default_factory=list)
     task_id: str | None = None
+    history_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,19 +194,38 @@ class Failed:
 
 @dataclass(frozen=True)
 class Pending:
-    """The task is accepted but not finished: poll ``GetTask`` with ``task_id``."""
+    """The task is accepted but not finished: poll ``GetTask`` with ``task_id``.
+
+    Attributes:
+        task_id: The task's id.
+        state: ``submitted`` or ``working``.
+        history_ids: The message ids in the task's history, in order.
+    """
 
     task_id: str
     state: TaskState
+    history_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Interrupted:
-    """The agent waits for something only a human (or an operator) can give."""
+    """The agent waits for something only a human (or an operator) can give.
+
+    Attributes:
+        kind: ``input_required`` (a question for a person) or ``auth_required``.
+        message: The status message's text, or a default sentence when it has none.
+        task_id: The waiting task's id.
+        data: The status message's data parts, merged like an output's; None when it has none.
+        context_id: The task's ``contextId``, if it has one.
+        history_ids: The message ids in the task's history, in order.
+    """
 
     kind: Literal["input_required", "auth_required"]
     message: str
     task_id: str = ""
+    data: JsonValue = None
+    context_id: str | None = None
+    history_ids: tuple[str, ...] = ()
 
 
 Outcome = Completed | Failed | Pending | Interrupted
@@ -187,9 +238,15 @@ class _Malformed(Exception):
 # --- requests ----------------------------------------------------------------------------------------------------
 
 
-def message_id_for(correlation_id: str) -> str:
-    """The message id of an attempt: a UUID 5 of its correlation id, the same on every retry."""
-    return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, correlation_id))
+def message_id_for(call_id: str) -> str:
+    """The message id of a call: a UUID 5 of its call id, the same on every retry.
+
+    Args:
+        call_id: :attr:`AgentTask.call_id <models.messages.AgentTask.call_id>`: the
+            correlation id for an attempt's first message, ``<correlation id>#<turn>``
+            for an answer.
+    """
+    return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, call_id))
 
 
 def request_headers(protocol_version: ProtocolVersion) -> dict[str, str]:
@@ -205,24 +262,39 @@ def _envelope(method: str, params: JsonObject, request_id: RequestId) -> JsonObj
 
 
 def _input_parts(value: JsonValue, protocol_version: ProtocolVersion) -> list[JsonValue]:
-    parts: list[JsonValue] = []
-    if protocol_version == "1.0":
-        parts.append({"data": value})
-    elif isinstance(value, dict):
-        parts.append({"kind": "data", "data": value})
-    else:
-        parts.append({"kind": "data", "data": {"value": value}, "metadata": {"data_part_compat": True}})
+    parts: list[JsonValue] = [_data_part(value, protocol_version)]
     text = value.get("text") if isinstance(value, dict) else None
     if isinstance(text, str) and text:  # the SDK refuses an empty text part
         parts.append({"text": text} if protocol_version == "1.0" else {"kind": "text", "text": text})
     return parts
 
 
+def _data_part(value: JsonValue, protocol_version: ProtocolVersion) -> JsonValue:
+    if protocol_version == "1.0":
+        return {"data": value}
+    if isinstance(value, dict):
+        return {"kind": "data", "data": value}
+    # 0.3 data parts are objects: wrap the value the way the SDK's own conversion does
+    return {"kind": "data", "data": {"value": value}, "metadata": {"data_part_compat": True}}
+
+
+def _reply_parts(reply: Reply, protocol_version: ProtocolVersion) -> list[JsonValue]:
+    parts: list[JsonValue] = []
+    if isinstance(reply.text, str) and reply.text:  # the SDK refuses an empty text part
+        parts.append({"text": reply.text} if protocol_version == "1.0" else {"kind": "text", "text": reply.text})
+    if reply.data is not None:
+        parts.append(_data_part(reply.data, protocol_version))
+    if not parts:  # a message needs a part: an empty answer is an empty object
+        parts.append(_data_part({}, protocol_version))
+    return parts
+
+
 def send_message_request(task: AgentTask, protocol_version: ProtocolVersion, *, request_id: RequestId) -> JsonObject:
-    """The JSON-RPC body that hands one attempt of a step to an agent.
+    """The JSON-RPC body that hands one attempt of a step to an agent, or an answer to its waiting task.
 
     Args:
-        task: The attempt: its input, correlation id, run, step and attempt number.
+        task: The attempt: its input, correlation id, run, step and attempt
+            number, and from turn 1 the reply that continues the agent's task.
         protocol_version: ``1.0`` (``SendMessage``) or ``0.3`` (``message/send``).
         request_id: The JSON-RPC id.
 
@@ -230,17 +302,26 @@ def send_message_request(task: AgentTask, protocol_version: ProtocolVersion, *, 
         The body, ready for ``json.dumps``.
     """
     metadata: JsonObject = {
-        "idempotency_key": task.correlation_id,
+        # Per call, like the message id: an agent that deduplicates by key must not take an answer for a repeat.
+        "idempotency_key": task.call_id,
         "run_id": task.run_id,
         "step_id": task.step_id,
         "attempt": task.attempt,
+        "turn": task.turn,
     }
     message: JsonObject = {
-        "messageId": message_id_for(task.correlation_id),
+        # Turn 0 keeps the correlation id's message id (call_id is the correlation id then).
+        "messageId": message_id_for(task.call_id),
         "role": "ROLE_USER" if protocol_version == "1.0" else "user",
-        "parts": _input_parts(task.input, protocol_version),
+        "parts": _input_parts(task.input, protocol_version)
+        if task.reply is None
+        else _reply_parts(task.reply, protocol_version),
         "metadata": dict(metadata),
     }
+    if task.reply is not None:
+        message["taskId"] = task.reply.task_id
+        if task.reply.context_id:
+            message["contextId"] = task.reply.context_id
     params: JsonObject = {"message": message, "metadata": metadata}
     if protocol_version == "1.0":
         params["configuration"] = {"historyLength": 0}
@@ -249,10 +330,20 @@ def send_message_request(task: AgentTask, protocol_version: ProtocolVersion, *, 
     return _envelope(_METHODS[protocol_version][0], params, request_id)
 
 
-def get_task_request(task_id: str, protocol_version: ProtocolVersion, *, request_id: RequestId) -> JsonObject:
-    """The JSON-RPC body asking for a task's current state (``GetTask`` / ``tasks/get``)."""
+def get_task_request(
+    task_id: str, protocol_version: ProtocolVersion, *, request_id: RequestId, history: bool = False
+) -> JsonObject:
+    """The JSON-RPC body asking for a task's current state (``GetTask`` / ``tasks/get``).
+
+    Args:
+        task_id: The agent's task.
+        protocol_version: ``1.0`` or ``0.3``.
+        request_id: The JSON-RPC id.
+        history: Ask for the task's whole history too (1.0 leaves ``historyLength`` out, and
+            the SDK trims nothing then; 0.3 always leaves it out, as 0 would mean the same).
+    """
     params: JsonObject = {"id": task_id}
-    if protocol_version == "1.0":
+    if protocol_version == "1.0" and not history:
         params["historyLength"] = 0
     return _envelope(_METHODS[protocol_version][1], params, request_id)
 
@@ -341,10 +432,23 @@ def _state(raw: Any) -> TaskState:
     return _STATES[raw]
 
 
+def _history_ids(task: dict[str, Any]) -> tuple[str, ...]:
+    """The message ids in a task's history; whatever is not a message with a string id is passed over."""
+    history = task.get("history")
+    if not isinstance(history, list):
+        return ()
+    return tuple(
+        m["messageId"]
+        for m in history
+        if isinstance(m, dict) and isinstance(m.get("messageId"), str) and m["messageId"]
+    )
+
+
 def _from_task(task: dict[str, Any]) -> Outcome:
     task_id = task.get("id")
     if not isinstance(task_id, str) or not task_id:
         raise _Malformed("the task has no id")
+    history_ids = _history_ids(task)
     status = _object(task.get("status"), "task.status")
     state = _state(status.get("state"))
     status_parts = _message_parts(status.get("message"), "task.status.message")
@@ -359,17 +463,25 @@ def _from_task(task: dict[str, Any]) -> Outcome:
         ]
         groups.append(status_parts)
         kept = [_object(_normalize(a), "artifact") for a in artifacts]
-        return Completed(output=_merge(groups), artifacts=kept, task_id=task_id)
+        return Completed(output=_merge(groups), artifacts=kept, task_id=task_id, history_ids=history_ids)
     if state in _FINAL_FAILURES:
         text = message_text or f"the agent reported the task {state.value}"
         return Failed(ErrorKind.AGENT_FAILED.value, clip(text, MAX_MESSAGE_CHARS), retriable=False, state=state)
     if state in _PENDING:
-        return Pending(task_id=task_id, state=state)
-    kind: Literal["input_required", "auth_required"] = (
-        "input_required" if state is TaskState.INPUT_REQUIRED else "auth_required"
+        return Pending(task_id=task_id, state=state, history_ids=history_ids)
+    asks = state is TaskState.INPUT_REQUIRED
+    kind: Literal["input_required", "auth_required"] = "input_required" if asks else "auth_required"
+    text = message_text or f"the agent needs {'input' if asks else 'authentication'}"
+    context_id = task.get("contextId")
+    return Interrupted(
+        kind=kind,
+        # A question goes to a person whole (up to what a question carries); anything else is an error message.
+        message=clip(text, MAX_TEXT_CHARS if asks else MAX_MESSAGE_CHARS),
+        task_id=task_id,
+        data=_merge([(status_parts[0], [])]) if status_parts[0] else None,
+        context_id=context_id if isinstance(context_id, str) and context_id else None,
+        history_ids=history_ids,
     )
-    text = message_text or f"the agent needs {'input' if kind == 'input_required' else 'authentication'}"
-    return Interrupted(kind=kind, message=clip(text, MAX_MESSAGE_CHARS), task_id=task_id)
 
 
 def _from_result(result: dict[str, Any]) -> Outcome:

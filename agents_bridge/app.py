@@ -2,9 +2,11 @@
 
 It consumes agent tasks (its own consumer group, scalable apart from the
 executor), looks each agent up in the registry, calls it over A2A, and
-publishes the result keyed by run_id. A repeated task (same correlation id)
+publishes the result keyed by run_id. A repeated task (same call id: the
+correlation id, and the turn once a person's answers carry the call on)
 joins the call in flight or gets the remembered result instead of calling the
-agent twice.
+agent twice; an answer (the same correlation id, a later turn) is a call of
+its own.
 
 Agents are slow (seconds to minutes), so one worker holds thousands of calls at
 once: one Faust actor reads the task stream and hands each task to an asyncio
@@ -144,7 +146,7 @@ class Bridge(Service):
         delivery: Hashable | None = None,
         started: Callable[[], None] = _no_call_started,
     ) -> AgentResult | None:
-        """Carry out one task once per correlation id, and publish its result.
+        """Carry out one task once per call id (correlation id and turn), and publish its result.
 
         A repeat that arrives while the call is in flight does not call the
         agent again: a repeat from another message (the executor re-dispatched
@@ -167,14 +169,15 @@ class Bridge(Service):
             SentAway: The call waited for a slot when the worker began to stop
                 or to lose its partitions; it was not made.
         """
-        done = self.memory.finished(task.correlation_id)
+        # By call id: the answer that continues an attempt (turn 1, 2...) is a new call, not a repeat of turn 0.
+        done = self.memory.finished(task.call_id)
         if done is not None:
             if self.publish is not None:
                 await self.publish(task, done)
             return done
-        if delivery is not None and self.memory.repeat_in_flight(task.correlation_id, delivery):
+        if delivery is not None and self.memory.repeat_in_flight(task.call_id, delivery):
             return None
-        return await self.memory.run(task.correlation_id, lambda: self._execute_and_publish(task, started), delivery)
+        return await self.memory.run(task.call_id, lambda: self._execute_and_publish(task, started), delivery)
 
     async def _execute_and_publish(self, task: AgentTask, started: Callable[[], None]) -> AgentResult:
         result = await self._execute(task, started)
@@ -185,9 +188,12 @@ class Bridge(Service):
     async def cancel(self, request: AgentCancel) -> bool:
         """Send the agent a CancelTask for an attempt, where its task id is known (best-effort).
 
-        A2A cancels by the agent's task id, which the bridge learns when a call
-        comes back still working (then it polls); a blocking call in progress
-        has none yet, and its late result is ignored by the executor anyway.
+        A2A cancels by the agent's task id. The executor knows it for an
+        attempt that waits for a person's answer (``request.task_id``, from
+        the agent's question); otherwise the bridge knows it when a call comes
+        back still working (then it polls) or carries an answer. A blocking
+        call in progress has none yet, and its late result is ignored by the
+        executor anyway.
         """
         assert self._registry is not None
         assert self._caller is not None
@@ -198,7 +204,7 @@ class Bridge(Service):
         if agent is None:
             return False
         self.cancels += 1
-        return await self._caller.cancel(request.correlation_id, agent)
+        return await self._caller.cancel(request.correlation_id, agent, task_id=request.task_id)
 
     async def _execute(self, task: AgentTask, started: Callable[[], None]) -> AgentResult:
         assert self._registry is not None
@@ -235,35 +241,36 @@ def bounded(result: AgentResult, limit: int) -> AgentResult:
     """The result, or, when its record would be over ``limit`` bytes, a final ``output_too_large`` failure.
 
     The agent's answer fitted the bridge's cap on an HTTP answer, but the
-    result that carries its output does not fit a message: publishing it
-    would fail (and the run would wait for its deadline, then call the agent
-    again). So the attempt fails at once, not retriable, naming both sizes.
+    result that carries its output (or its question) does not fit a message:
+    publishing it would fail (and the run would wait for its deadline, then
+    call the agent again). So the attempt fails at once, not retriable, naming
+    both sizes. The failure keeps the result's ids and turn, and drops the
+    output and the question (a FAILURE carries neither).
     """
     try:
         size = record_size(result.run_id.encode(), encode(result))
     except ValueError as error:  # text that is not text (a lone surrogate from a JSON escape)
-        message = f"the agent's output cannot be carried: {str(error)[:200]}"
-        return result.model_copy(
-            update={
-                "status": ResultStatus.FAILURE,
-                "output": None,
-                "error": AgentError(kind=ErrorKind.MALFORMED_RESPONSE, message=message, retriable=False),
-            }
-        )
+        message = f"the agent's {_what(result)} cannot be carried: {str(error)[:200]}"
+        return _failed(result, AgentError(kind=ErrorKind.MALFORMED_RESPONSE, message=message, retriable=False))
     if size <= limit:
         return result
     message = (
-        f"the agent's output makes a result of {size} bytes, over the limit of {limit} bytes "
+        f"the agent's {_what(result)} makes a result of {size} bytes, over the limit of {limit} bytes "
         "(SWITCHYARD_MAX_MESSAGE_BYTES)"
     )
     log.warning("%s: %s", result.correlation_id, message)
-    return result.model_copy(
-        update={
-            "status": ResultStatus.FAILURE,
-            "output": None,
-            "error": AgentError(kind=ErrorKind.OUTPUT_TOO_LARGE, message=message, retriable=False),
-        }
-    )
+    return _failed(result, AgentError(kind=ErrorKind.OUTPUT_TOO_LARGE, message=message, retriable=False))
+
+
+def _what(result: AgentResult) -> str:
+    return "question" if result.question is not None else "output"
+
+
+def _failed(result: AgentResult, error: AgentError) -> AgentResult:
+    """The result as a FAILURE with ``error``: same ids, times and turn, no output, no question."""
+    # model_copy does not validate: validating the copy keeps the status, error and question consistent.
+    changed = result.model_dump() | {"status": ResultStatus.FAILURE, "output": None, "question": None, "error": error}
+    return AgentResult.model_validate(changed)
 
 
 def _failure(task: AgentTask, started: Any, kind: str, message: str, retriable: bool) -> AgentResult:
@@ -276,6 +283,7 @@ def _failure(task: AgentTask, started: Any, kind: str, message: str, retriable: 
         item=task.item,
         status=ResultStatus.FAILURE,
         error=AgentError(kind=kind, message=message, retriable=retriable),
+        turn=task.turn,
         started_at=started,
         finished_at=utcnow(),
     )

@@ -4,6 +4,28 @@
 :class:`~models.messages.AgentResult`. It never raises for a problem with the
 call (only ``asyncio.CancelledError`` goes through); every way a call can go
 wrong becomes a FAILURE with a kind from :class:`~models.messages.ErrorKind`.
+An agent that asks a question (task INPUT_REQUIRED) gives an INPUT_REQUIRED
+result carrying it (:class:`~models.messages.AgentQuestion`: its text and
+data, the task's id and context), logged at INFO; ``auth_required`` stays a
+FAILURE, not retriable. Every result carries the task's ``turn``.
+
+Answers (a task with a ``reply``, turn 1 on)
+    The answer continues the agent's task: first a GetTask of
+    ``reply.task_id`` with its whole history. If the message id of this turn
+    (``message_id_for(task.call_id)``) is in that history, the answer reached
+    the agent before (a bridge died after sending it, and the task came
+    again): it is not sent again, and the call goes on from the task's state
+    (working: polled; a new question; completed or failed). Otherwise a task
+    still INPUT_REQUIRED gets the answer (SendMessage with its ``taskId`` and
+    ``contextId``), and the call goes on as any other; a task in another
+    state (canceled, completed meanwhile...) gives that outcome, and a GetTask
+    that fails (task not found: a JSON-RPC error) a FAILURE that names the
+    task. A SendMessage that may have reached the agent (a timeout, a 5xx) is
+    not simply sent again: the GetTask is made again first, so an answer
+    reaches the agent once even across retries and a bridge's kill -9 (an
+    agent that has not stored the message yet when the GetTask looks, which
+    the a2a-sdk does when the executor's first event comes, may still get it
+    twice).
 
 Deadlines
     The whole call, retries and polling included, ends by ``task.deadline``.
@@ -32,8 +54,10 @@ Polling
     default). A task that comes back SUBMITTED or WORKING is polled with
     GetTask every :attr:`CallSettings.poll_interval_s` (each poll retried like
     above) until it is terminal, interrupted, or the deadline passes. The
-    agent's task id is remembered meanwhile, so :meth:`AgentCaller.cancel`
-    accepts the correlation id.
+    agent's task id is remembered meanwhile (an answer's from the start), so
+    :meth:`AgentCaller.cancel` accepts the correlation id; it also takes the
+    task id itself (the executor knows it for an attempt that waits for an
+    answer).
 
 Credentials
     ``agent.auth.headers()`` is read at call time. A secret that names an
@@ -59,7 +83,7 @@ from email.utils import parsedate_to_datetime
 from typing import Final
 
 import aiohttp
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
 
 from agents_bridge.a2a import (
     MAX_MESSAGE_CHARS,
@@ -72,12 +96,23 @@ from agents_bridge.a2a import (
     TaskState,
     cancel_task_request,
     get_task_request,
+    message_id_for,
     parse_response,
     request_headers,
     send_message_request,
 )
 from models.agents import AgentEntry, CallRetry, SecretReferenceError
-from models.messages import AgentError, AgentResult, AgentTask, ErrorKind, ResultStatus, utcnow
+from models.messages import (
+    MAX_TEXT_CHARS,
+    AgentError,
+    AgentQuestion,
+    AgentResult,
+    AgentTask,
+    ErrorKind,
+    Reply,
+    ResultStatus,
+    utcnow,
+)
 from switchyard.http_read import TooLarge, read_limited, safe_url
 from switchyard.wire import clip
 
@@ -102,6 +137,8 @@ _DEADLINE_GRACE_S: Final = 0.1
 _COUNT_UP_TO: Final = 4
 """An answer over the limit with no Content-Length is read on (and dropped) up to this many times the limit,
 so that its size can be named."""
+_LOGGED_QUESTION_CHARS: Final = 200
+"""How much of a question the INFO line shows (the whole question goes in the result)."""
 
 
 @dataclass(frozen=True)
@@ -186,14 +223,18 @@ class _Call:
         return self.deadline - asyncio.get_running_loop().time()
 
     def request_id(self) -> str:
-        return f"{self.task.correlation_id}#{next(self._ids)}"
+        return f"{self.task.call_id}#{next(self._ids)}"
 
     def timeout_failure(self, doing: str) -> Failed:
         return Failed(ErrorKind.TIMEOUT.value, f"the deadline passed while {doing}", retriable=True)
 
     async def run(self, headers: Mapping[str, str]) -> Outcome:
         protocol = self.agent.protocol_version
-        outcome = await self.rpc(send_message_request(self.task, protocol, request_id=self.request_id()), headers)
+        if self.task.reply is None:
+            body = send_message_request(self.task, protocol, request_id=self.request_id())
+            outcome = await self.rpc(body, headers)
+        else:
+            outcome = await self.answer(self.task.reply, headers)
         while isinstance(outcome, Pending):
             self.caller._remember(self.task.correlation_id, outcome.task_id)
             pause = min(self.caller.settings.poll_interval_s, self.remaining())
@@ -201,59 +242,120 @@ class _Call:
                 await asyncio.sleep(pause)
             if self.remaining() <= 0:
                 return self.timeout_failure(f"the task was still {outcome.state.value}")
-            logger.debug("polling task %s of %s", outcome.task_id, self.task.correlation_id)
+            logger.debug("polling task %s of %s", outcome.task_id, self.task.call_id)
             outcome = await self.rpc(get_task_request(outcome.task_id, protocol, request_id=self.request_id()), headers)
         return outcome
 
+    async def answer(self, reply: Reply, headers: Mapping[str, str]) -> Outcome:
+        """Continue the agent's waiting task with the answer, unless the answer already reached it.
+
+        Returns:
+            The outcome of the SendMessage that carried the answer, or the task's
+            state when the answer was delivered before or the task no longer waits.
+        """
+        protocol = self.agent.protocol_version
+        ours = message_id_for(self.task.call_id)
+        # Known from the start: a cancel while the answer is being taken up reaches the task.
+        self.caller._remember(self.task.correlation_id, reply.task_id)
+        attempt = 0
+        while True:
+            attempt += 1
+            look = get_task_request(reply.task_id, protocol, request_id=self.request_id(), history=True)
+            current = await self.rpc(look, headers)
+            if isinstance(current, Failed):
+                if current.state is not None:
+                    return current  # the task failed or was canceled: the agent's own words
+                message = f"cannot continue the agent's task {reply.task_id}: {current.message}"
+                return Failed(current.kind, clip(message, MAX_MESSAGE_CHARS), retriable=current.retriable)
+            if ours in current.history_ids:
+                logger.info(
+                    "the answer of %s already reached task %s at %s: not sent again, going on from the task's state",
+                    self.task.call_id,
+                    reply.task_id,
+                    self.agent.name,
+                )
+                return current
+            if not (isinstance(current, Interrupted) and current.kind == "input_required"):
+                logger.info(
+                    "task %s at %s no longer waits for an answer (%s): the answer of %s is not sent",
+                    reply.task_id,
+                    self.agent.name,
+                    type(current).__name__,
+                    self.task.call_id,
+                )
+                return current
+            body = send_message_request(self.task, protocol, request_id=self.request_id())
+            sent = await self.post_once(body, headers)
+            if not isinstance(sent, _Transient):
+                return sent
+            # It may have reached the agent all the same: look at the task again before sending it again.
+            gave_up = await self.pause_before_retry(str(body["method"]), sent, attempt)
+            if gave_up is not None:
+                return gave_up
+
+    async def post_once(self, body: JsonObject, headers: Mapping[str, str]) -> Outcome | _Transient:
+        """One JSON-RPC request, cut at the deadline: the outcome, or a transient problem."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            return self.timeout_failure(f"calling {body['method']}")
+        timeout_s = min(self.caller.settings.call_timeout_s, remaining)
+        return await self.caller._post(self.agent, body, headers, timeout_s)
+
     async def rpc(self, body: JsonObject, headers: Mapping[str, str]) -> Outcome:
         """One JSON-RPC request, retried on transient problems as the agent's policy says."""
-        policy = self.agent.call_retry
         method = str(body["method"])
-        last: _Transient | None = None
-        for attempt in range(1, policy.max_attempts + 1):
-            remaining = self.remaining()
-            if remaining <= 0:
-                return self.timeout_failure(f"calling {method}")
-            timeout_s = min(self.caller.settings.call_timeout_s, remaining)
-            answer = await self.caller._post(self.agent, body, headers, timeout_s)
+        attempt = 0
+        while True:
+            attempt += 1
+            answer = await self.post_once(body, headers)
             if not isinstance(answer, _Transient):
                 return answer
-            last = answer
-            if self.remaining() <= 0:
-                return self.timeout_failure(f"calling {method} ({answer.message})")
-            if attempt == policy.max_attempts:
-                break
-            delay = answer.retry_after_s
-            if delay is None:
-                delay = backoff_delay(policy, attempt, self.caller.rng)
-            if delay >= self.remaining():
-                logger.warning(
-                    "%s to %s for %s: %s; the next try would start after the deadline",
-                    method,
-                    self.agent.name,
-                    self.task.correlation_id,
-                    answer.message,
-                )
-                return Failed(
-                    answer.kind, clip(f"{answer.message}; no time left to try again", MAX_MESSAGE_CHARS), retriable=True
-                )
+            gave_up = await self.pause_before_retry(method, answer, attempt)
+            if gave_up is not None:
+                return gave_up
+
+    async def pause_before_retry(self, method: str, answer: _Transient, attempt: int) -> Failed | None:
+        """Wait before trying again after the ``attempt``-th transient failure, or the failure that ends the call.
+
+        Returns:
+            None once it has waited; a retriable failure when the attempts ran out or
+            the deadline would pass first (then it does not wait).
+        """
+        policy = self.agent.call_retry
+        if self.remaining() <= 0:
+            return self.timeout_failure(f"calling {method} ({answer.message})")
+        if attempt >= policy.max_attempts:
+            return Failed(
+                answer.kind,
+                clip(f"gave up after {policy.max_attempts} attempts: {answer.message}", MAX_MESSAGE_CHARS),
+                retriable=True,
+            )
+        delay = answer.retry_after_s
+        if delay is None:
+            delay = backoff_delay(policy, attempt, self.caller.rng)
+        if delay >= self.remaining():
             logger.warning(
-                "%s to %s for %s failed (attempt %d of %d): %s; retrying in %.2fs",
+                "%s to %s for %s: %s; the next try would start after the deadline",
                 method,
                 self.agent.name,
-                self.task.correlation_id,
-                attempt,
-                policy.max_attempts,
+                self.task.call_id,
                 answer.message,
-                delay,
             )
-            await asyncio.sleep(delay)
-        assert last is not None  # the loop ran at least once and ended on a transient answer
-        return Failed(
-            last.kind,
-            clip(f"gave up after {policy.max_attempts} attempts: {last.message}", MAX_MESSAGE_CHARS),
-            retriable=True,
+            return Failed(
+                answer.kind, clip(f"{answer.message}; no time left to try again", MAX_MESSAGE_CHARS), retriable=True
+            )
+        logger.warning(
+            "%s to %s for %s failed (attempt %d of %d): %s; retrying in %.2fs",
+            method,
+            self.agent.name,
+            self.task.call_id,
+            attempt,
+            policy.max_attempts,
+            answer.message,
+            delay,
         )
+        await asyncio.sleep(delay)
+        return None
 
 
 class AgentCaller:
@@ -328,15 +430,17 @@ class AgentCaller:
             )
 
     async def call(self, task: AgentTask, agent: AgentEntry) -> AgentResult:
-        """Carry out one attempt of a step: send the message, poll if needed, report.
+        """Carry out one turn of an attempt: send the message (or the answer), poll if needed, report.
 
         Args:
-            task: The attempt (its deadline bounds everything).
+            task: The attempt (its deadline bounds everything); from turn 1 it
+                carries the answer to the agent's question.
             agent: The registry entry of ``task.agent_name``.
 
         Returns:
-            SUCCESS with the agent's output, or FAILURE with the reason; never raises
-            for a problem with the call.
+            SUCCESS with the agent's output, INPUT_REQUIRED with its question, or
+            FAILURE with the reason, each with the task's turn; never raises for a
+            problem with the call.
         """
         started_at = utcnow()
         loop = asyncio.get_running_loop()
@@ -371,9 +475,16 @@ class AgentCaller:
     def _result(self, task: AgentTask, agent: AgentEntry, outcome: Outcome, started_at: datetime) -> AgentResult:
         output: JsonValue = None
         error: AgentError | None = None
+        question: AgentQuestion | None = None
         if isinstance(outcome, Completed):
             output = outcome.output
-        elif isinstance(outcome, Interrupted):
+        elif isinstance(outcome, Interrupted) and outcome.kind == "input_required":
+            asked = _question(outcome)
+            if isinstance(asked, AgentQuestion):
+                question = asked
+            else:
+                error = asked
+        elif isinstance(outcome, Interrupted):  # auth_required: an operator's business, not a person's answer
             error = AgentError(kind=outcome.kind, message=clip(outcome.message, MAX_MESSAGE_CHARS), retriable=False)
         elif isinstance(outcome, Failed):
             error = AgentError(
@@ -381,17 +492,34 @@ class AgentCaller:
             )
         else:  # Pending never leaves _Call.run
             error = AgentError(kind=INTERNAL_ERROR, message="the call ended with a pending task", retriable=True)
-        status = ResultStatus.SUCCESS if error is None else ResultStatus.FAILURE
-        # One line per failure; successes only at DEBUG (a line per call costs the bridge CPU at thousands a second).
-        log = logger.debug if error is None else logger.warning
-        log(
-            "%s for %s from %s (%s): %s",
-            status.value,
-            task.correlation_id,
-            agent.name,
-            safe_url(agent.url),
-            "ok" if error is None else f"{error.kind}: {error.message}",
-        )
+        if error is not None:
+            status = ResultStatus.FAILURE
+        elif question is not None:
+            status = ResultStatus.INPUT_REQUIRED
+        else:
+            status = ResultStatus.SUCCESS
+        # One line per failure and per question; successes only at DEBUG (a line per call costs the bridge
+        # CPU at thousands a second).
+        if question is not None:
+            logger.info(
+                "%s for %s from %s (%s): task %s asks %r",
+                status.value,
+                task.call_id,
+                agent.name,
+                safe_url(agent.url),
+                question.task_id,
+                clip(question.text, _LOGGED_QUESTION_CHARS),
+            )
+        else:
+            log = logger.debug if error is None else logger.warning
+            log(
+                "%s for %s from %s (%s): %s",
+                status.value,
+                task.call_id,
+                agent.name,
+                safe_url(agent.url),
+                "ok" if error is None else f"{error.kind}: {error.message}",
+            )
         return AgentResult(
             correlation_id=task.correlation_id,
             run_id=task.run_id,
@@ -402,24 +530,29 @@ class AgentCaller:
             status=status,
             output=output,
             error=error,
+            question=question,
+            turn=task.turn,
             started_at=started_at,
             finished_at=max(utcnow(), started_at),
         )
 
-    async def cancel(self, task_id_or_correlation: str, agent: AgentEntry) -> bool:
+    async def cancel(self, task_id_or_correlation: str, agent: AgentEntry, *, task_id: str | None = None) -> bool:
         """Ask an agent to cancel a task, best-effort: one request, no retries, never raises.
 
         Args:
             task_id_or_correlation: The correlation id of a call whose task is being polled
                 (the caller knows the agent's task id), or the agent's task id itself.
             agent: The agent's registry entry.
+            task_id: The agent's task id, when the asker knows it (an attempt waiting for an
+                answer has no call in progress here): it wins over the lookup.
 
         Returns:
             True if the agent answered with the task canceled.
         """
         if not agent.supports_cancel:
             return False
-        task_id = self._task_ids.get(task_id_or_correlation, task_id_or_correlation)
+        if not task_id:
+            task_id = self._task_ids.get(task_id_or_correlation, task_id_or_correlation)
         headers = request_headers(agent.protocol_version)
         try:
             if agent.auth is not None:
@@ -437,3 +570,21 @@ class AgentCaller:
             detail = answer.message if isinstance(answer, Failed | _Transient) else type(answer).__name__
             logger.info("task %s at %s was not cancelled: %s", task_id, agent.name, detail)
         return cancelled
+
+
+def _question(outcome: Interrupted) -> AgentQuestion | AgentError:
+    """The question an INPUT_REQUIRED task asks, or why it cannot be carried to a person."""
+    try:
+        return AgentQuestion(
+            text=clip(outcome.message, MAX_TEXT_CHARS),
+            data=outcome.data,
+            task_id=outcome.task_id,
+            context_id=outcome.context_id,
+        )
+    except ValidationError as error:  # an id longer than the wire allows: the task could never be continued
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))
+        return AgentError(
+            kind=ErrorKind.MALFORMED_RESPONSE,
+            message=clip(f"the agent's question cannot be carried: {problem}", MAX_MESSAGE_CHARS),
+            retriable=False,
+        )

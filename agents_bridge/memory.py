@@ -1,9 +1,12 @@
 """The bridge's memory of calls in flight and finished recently.
 
 A task delivered again (the executor re-dispatched it after a restart, or the
-topic redelivered it after a rebalance) carries the same correlation id. The
-bridge then joins the call in flight, or answers with the remembered result,
-instead of calling the agent a second time. The memory is in-process and
+topic redelivered it after a rebalance) carries the same call id
+(:attr:`~models.messages.AgentTask.call_id`: the correlation id, with the turn
+once a person's answers carry the attempt on). The bridge then joins the call
+in flight, or answers with the remembered result, instead of calling the agent
+a second time. The answer of each turn has a call id of its own, so it is a
+new call. The memory is in-process and
 bounded: a bridge that dies forgets, and those calls are made again with the
 same idempotency key (at-least-once, see README "Guarantees").
 """
@@ -20,7 +23,7 @@ __all__ = ["CallMemory"]
 
 
 class CallMemory:
-    """Deduplicates calls by correlation id.
+    """Deduplicates calls by call id.
 
     Args:
         capacity: How many finished results to remember (oldest forgotten first).
@@ -39,15 +42,15 @@ class CallMemory:
         """Calls running now."""
         return len(self._in_flight)
 
-    def finished(self, correlation_id: str) -> AgentResult | None:
+    def finished(self, call_id: str) -> AgentResult | None:
         """The remembered result of a finished call, or None."""
-        done = self._finished.get(correlation_id)
+        done = self._finished.get(call_id)
         if done is not None:
-            self._finished.move_to_end(correlation_id)
+            self._finished.move_to_end(call_id)
             self.remembered += 1
         return done
 
-    def repeat_in_flight(self, correlation_id: str, delivery: Hashable) -> bool:
+    def repeat_in_flight(self, call_id: str, delivery: Hashable) -> bool:
         """Whether a call for this id is in flight, started by another message.
 
         Such a repeat (the executor re-dispatched the attempt after a restart)
@@ -57,34 +60,34 @@ class CallMemory:
         waits in :meth:`run`, so that it stays unacknowledged, and is
         redelivered after a crash, until the call has ended.
         """
-        if correlation_id in self._in_flight and self._origin.get(correlation_id) != delivery:
+        if call_id in self._in_flight and self._origin.get(call_id) != delivery:
             self.joined += 1
             return True
         return False
 
     async def run(
         self,
-        correlation_id: str,
+        call_id: str,
         call: Callable[[], Awaitable[AgentResult]],
         delivery: Hashable | None = None,
     ) -> AgentResult:
-        """Run ``call`` once per correlation id; repeats wait for it and share its result.
+        """Run ``call`` once per call id; repeats wait for it and share its result.
 
         Args:
-            correlation_id: The attempt's id.
+            call_id: The call's id (the attempt's correlation id, and its turn).
             call: Makes the agent call.
             delivery: The message that asked (partition and offset), kept for
                 :meth:`repeat_in_flight`.
 
         Returns:
-            The result of the one call made for this correlation id.
+            The result of the one call made for this call id.
         """
-        done = self._finished.get(correlation_id)
+        done = self._finished.get(call_id)
         if done is not None:
-            self._finished.move_to_end(correlation_id)
+            self._finished.move_to_end(call_id)
             self.remembered += 1
             return done
-        running = self._in_flight.get(correlation_id)
+        running = self._in_flight.get(call_id)
         if running is not None:
             self.joined += 1
             return await asyncio.shield(running)
@@ -92,16 +95,16 @@ class CallMemory:
         # (Faust restarts actors on a rebalance) does not cancel it for the
         # others waiting on it, nor lose its result.
         task = asyncio.ensure_future(call())
-        self._in_flight[correlation_id] = task
-        self._origin[correlation_id] = delivery
-        task.add_done_callback(lambda done: self._finish(correlation_id, done))
+        self._in_flight[call_id] = task
+        self._origin[call_id] = delivery
+        task.add_done_callback(lambda done: self._finish(call_id, done))
         return await asyncio.shield(task)
 
-    def _finish(self, correlation_id: str, task: asyncio.Future[AgentResult]) -> None:
-        self._in_flight.pop(correlation_id, None)
-        self._origin.pop(correlation_id, None)
+    def _finish(self, call_id: str, task: asyncio.Future[AgentResult]) -> None:
+        self._in_flight.pop(call_id, None)
+        self._origin.pop(call_id, None)
         if task.cancelled() or task.exception() is not None:
             return  # not remembered: a later repeat tries again
-        self._finished[correlation_id] = task.result()
+        self._finished[call_id] = task.result()
         while len(self._finished) > self.capacity:
             self._finished.popitem(last=False)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, field_validator
 
-from models.plan import RetryPolicy
+from models.plan import MAX_INPUT_TIMEOUT_S, RetryPolicy
 
 __all__ = [
     "AGENT_NAME_PATTERN",
@@ -197,6 +197,8 @@ class AgentEntry(BaseModel):
             ``0.3`` (``message/send``).
         auth: Credentials, if the agent needs them.
         timeout_s: Default deadline of a step calling this agent.
+        input_timeout_s: How long a question this agent asks (A2A
+            ``INPUT_REQUIRED``) waits for a person's answer, unless the step says.
         retry: Default step retry policy for this agent.
         call_retry: Retries of a single HTTP call in the bridge.
         recovery: What to do when a step's attempts run out.
@@ -215,6 +217,7 @@ class AgentEntry(BaseModel):
     protocol_version: ProtocolVersion = "1.0"
     auth: AgentAuth | None = None
     timeout_s: float | None = Field(None, gt=0, le=86_400)
+    input_timeout_s: float | None = Field(None, gt=0, le=MAX_INPUT_TIMEOUT_S)
     retry: RetryPolicy | None = None
     call_retry: CallRetry = CallRetry()
     recovery: RecoveryPolicy = RecoveryPolicy()

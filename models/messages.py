@@ -36,7 +36,9 @@ __all__ = [
     "AgentCancel",
     "AgentError",
     "AgentResult",
+    "AgentQuestion",
     "AgentTask",
+    "Answer",
     "ControlCommand",
     "ControlMessage",
     "DeadLetterRecord",
@@ -44,6 +46,8 @@ __all__ = [
     "Message",
     "MessageDecodeError",
     "MonitoringUpdate",
+    "Question",
+    "Reply",
     "ResultStatus",
     "WorkflowSubmission",
     "correlation_id",
@@ -110,13 +114,16 @@ class ErrorKind(StrEnum):
     INVALID_MAP_LIST = "invalid_map_list"
     OUTPUT_TOO_LARGE = "output_too_large"
     UNREADABLE_STATE = "unreadable_state"
+    INPUT_TIMEOUT = "input_timeout"
+    REJECTED = "rejected"
 
 
 class ResultStatus(StrEnum):
-    """The outcome of one agent call."""
+    """The outcome of one agent call: done, failed, or stopped to ask a person (A2A ``INPUT_REQUIRED``)."""
 
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    INPUT_REQUIRED = "INPUT_REQUIRED"
 
 
 class Message(BaseModel):
@@ -141,6 +148,74 @@ class AgentError(BaseModel):
     kind: str = Field(min_length=1, max_length=100)
     message: str = Field(max_length=10_000)
     retriable: bool = False
+
+
+MAX_TEXT_CHARS: Final = 10_000
+"""The longest question or answer text (its data is bounded by the message size)."""
+
+
+class Question(BaseModel):
+    """What a person is asked: an agent's question (A2A ``INPUT_REQUIRED``), or an approval step's prompt.
+
+    Attributes:
+        text: The question in words (the text parts of the agent's status message).
+        data: Structured content that goes with it (its data parts, merged), if any.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = Field("", max_length=MAX_TEXT_CHARS)
+    data: JsonValue = None
+
+
+class AgentQuestion(Question):
+    """An agent's question, with the A2A task that waits for the answer.
+
+    Attributes:
+        task_id: The agent's task, continued by the answer (same ``taskId``).
+        context_id: The task's context (same ``contextId``).
+    """
+
+    task_id: str = Field(min_length=1, max_length=400)
+    context_id: str | None = Field(None, max_length=400)
+
+
+class Answer(BaseModel):
+    """A person's answer to a question, or decision on an approval.
+
+    Attributes:
+        answer_id: Names this answer: the same answer delivered twice is applied once.
+        text: The answer in words.
+        data: Structured content.
+        decision: An approval step's ``approve`` or ``reject`` (None for an agent's question).
+        source: Where it came from (``http``, ``cli``, ``timeout`` for a default decision).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    answer_id: str = Field(default_factory=lambda: str(uuid.uuid4()), min_length=1, max_length=100)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    data: JsonValue = None
+    decision: Literal["approve", "reject"] | None = None
+    source: str | None = Field(None, max_length=100)
+
+
+class Reply(BaseModel):
+    """The answer an attempt carries back to the agent's waiting A2A task.
+
+    Attributes:
+        task_id: The agent's task (its ``taskId``).
+        context_id: Its ``contextId``.
+        text: The answer's text (a text part).
+        data: The answer's data (a data part).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str = Field(min_length=1, max_length=400)
+    context_id: str | None = Field(None, max_length=400)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    data: JsonValue = None
 
 
 def submission_fingerprint(plan: WorkflowPlan, run_input: dict[str, JsonValue]) -> str:
@@ -180,6 +255,19 @@ class AgentTask(Message):
     agent_name: str = Field(min_length=1, max_length=200)
     input: JsonValue
     deadline: AwareDatetime
+    turn: int = Field(0, ge=0, description="How many answers the call carries on from (0: the first message).")
+    reply: Reply | None = Field(None, description="From turn 1: the answer that continues the agent's task.")
+
+    @model_validator(mode="after")
+    def _reply_from_turn_one(self) -> AgentTask:
+        if (self.turn > 0) != (self.reply is not None):
+            raise ValueError("a task after an answer (turn > 0) carries a reply, and only such a task does")
+        return self
+
+    @property
+    def call_id(self) -> str:
+        """The id of this call to the agent: the correlation id, and the turn once answers carry it on."""
+        return self.correlation_id if self.turn == 0 else f"{self.correlation_id}#{self.turn}"
 
 
 class AgentResult(Message):
@@ -194,6 +282,8 @@ class AgentResult(Message):
     status: ResultStatus
     output: JsonValue = None
     error: AgentError | None = None
+    question: AgentQuestion | None = Field(None, description="What an INPUT_REQUIRED agent asks.")
+    turn: int = Field(0, ge=0, description="The task's turn this answers (AgentTask.turn).")
     started_at: AwareDatetime
     finished_at: AwareDatetime
 
@@ -201,8 +291,10 @@ class AgentResult(Message):
     def _error_matches_status(self) -> AgentResult:
         if self.status is ResultStatus.FAILURE and self.error is None:
             raise ValueError("a FAILURE result needs an error")
-        if self.status is ResultStatus.SUCCESS and self.error is not None:
-            raise ValueError("a SUCCESS result cannot carry an error")
+        if self.status is not ResultStatus.FAILURE and self.error is not None:
+            raise ValueError(f"a {self.status} result cannot carry an error")
+        if (self.status is ResultStatus.INPUT_REQUIRED) != (self.question is not None):
+            raise ValueError("an INPUT_REQUIRED result carries the agent's question, and only such a result does")
         return self
 
 
@@ -228,6 +320,7 @@ class ControlCommand(StrEnum):
     RESTORE = "restore"
     STEP_TIMEOUT = "step_timeout"
     EVICT = "evict"
+    INPUT = "input"
 
 
 class ControlMessage(Message):
@@ -235,7 +328,9 @@ class ControlMessage(Message):
 
     Users send ``cancel``, ``retry`` and ``resume`` (rebuild the run from its
     PostgreSQL checkpoint if the executor lost it, and re-dispatch what is in
-    flight). The executor sends itself ``step_timeout`` from its timers,
+    flight), and ``input``: the ``answer`` to the question that an execution
+    (``step_id``, ``iteration``, ``item``) waits on, its ``turn``-th (from 0).
+    The executor sends itself ``step_timeout`` from its timers,
     ``restore`` after a rebalance and ``evict`` when a finished run's
     retention is over (tables are only written by agents, so a timer sends an
     event instead of changing the run itself).
@@ -248,12 +343,16 @@ class ControlMessage(Message):
     iteration: int = Field(1, ge=1, le=1000)
     item: int | None = Field(None, ge=0)
     reason: str | None = Field(None, max_length=2000)
+    answer: Answer | None = None
+    turn: int | None = Field(None, ge=0)
     requested_at: AwareDatetime = Field(default_factory=utcnow)
 
     @model_validator(mode="after")
     def _timeout_names_attempt(self) -> ControlMessage:
         if self.command is ControlCommand.STEP_TIMEOUT and (self.step_id is None or self.attempt is None):
             raise ValueError("a step_timeout names its step_id and attempt")
+        if self.command is ControlCommand.INPUT and (self.step_id is None or self.answer is None or self.turn is None):
+            raise ValueError("an input names its step_id, turn and answer")
         return self
 
 
@@ -267,6 +366,7 @@ class AgentCancel(Message):
     iteration: int = Field(1, ge=1, le=1000, description="The loop iteration (1 outside loops).")
     item: int | None = Field(None, ge=0, description="The item of a map step (None outside maps).")
     agent_name: str = Field(min_length=1, max_length=200)
+    task_id: str | None = Field(None, max_length=400, description="The agent's task, when the executor knows it.")
 
 
 class DeadLetterRecord(Message):

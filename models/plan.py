@@ -25,7 +25,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from models.conditions import ConditionError, parse_condition
 from models.mapping import WORKFLOW_ROOT, Expression, MappingError, find_expressions
@@ -34,9 +44,13 @@ if TYPE_CHECKING:
     from models.graph import PlanGraph
 
 __all__ = [
+    "APPROVAL_AGENT",
+    "DEFAULT_INPUT_TIMEOUT_S",
     "DEFAULT_RETRY",
+    "MAX_INPUT_TIMEOUT_S",
     "MAX_MAP_ITEMS",
     "STEP_ID_PATTERN",
+    "Approval",
     "Loop",
     "MapOver",
     "Route",
@@ -56,6 +70,15 @@ _JSON_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 MAX_MAP_ITEMS: Final = 10_000
 """The most items one map step calls its agent for (one execution each, all recorded)."""
+
+DEFAULT_INPUT_TIMEOUT_S: Final = 7 * 86_400.0
+"""How long a question waits for its answer when neither the step, nor the agent, nor the settings say."""
+
+MAX_INPUT_TIMEOUT_S: Final = 365 * 86_400.0
+"""The longest a question or an approval may wait for a person (a year)."""
+
+APPROVAL_AGENT: Final = ""
+"""The ``agent_name`` of an approval step: it calls no agent."""
 
 StepId = Annotated[str, Field(pattern=STEP_ID_PATTERN, description="Letters, digits, '_' and '-'.")]
 StepTargets = Annotated[
@@ -150,13 +173,46 @@ class MapOver(BaseModel):
     )
 
 
-class WorkflowStep(BaseModel):
-    """One step: call one agent with an input mapped from earlier values, then lead on."""
+class Approval(BaseModel):
+    """Wait for a person to approve or reject, instead of calling an agent.
+
+    The step's output is ``{"approved": bool, "decision": "approve"|"reject",
+    "text": ..., "data": ...}`` (what the person gave with the decision), so a
+    reject routes like any condition (``${review.output.approved}``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    prompt: JsonValue = Field(
+        description="What the person is shown, mapped like an input: text (with ${...} placeholders) or an object."
+    )
+    default_decision: Literal["approve", "reject"] | None = Field(
+        None, description="Taken when input_timeout_s passes without a decision; without one, the step fails."
+    )
+    on_reject: Literal["continue", "fail"] = Field(
+        "continue", description="continue: the step completes with approved false (route on it); fail: the run fails."
+    )
+
+
+class WorkflowStep(BaseModel):
+    """One step: call one agent with an input mapped from earlier values (or ask a person), then lead on."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        # What _agent_name_unless_approval checks, for editors that read the schema.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["agent_name"]},
+                {"required": ["approval"], "properties": {"approval": {"type": "object"}}},
+            ]
+        },
+    )
+
     id: StepId
-    agent_name: str = Field(max_length=200, description="Name of the agent in the registry.")
+    agent_name: str = Field(
+        APPROVAL_AGENT, max_length=200, description="Name of the agent in the registry (none for an approval step)."
+    )
     input_mapping: dict[str, JsonValue] = Field(
         default_factory=dict, description="The agent's input; strings may hold ${...} placeholders."
     )
@@ -173,7 +229,41 @@ class WorkflowStep(BaseModel):
     )
     loop: Loop | None = None
     map: MapOver | None = None
+    approval: Approval | None = Field(None, description="Ask a person to approve or reject, instead of an agent.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _agent_name_unless_approval(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> WorkflowStep:
+        # agent_name is required of every step but an approval step, which calls no agent: reported as missing
+        # with the step's other structural problems, as a required field is.
+        missing = isinstance(data, Mapping) and "agent_name" not in data and data.get("approval") is None
+        absent = InitErrorDetails(type="missing", loc=("agent_name",), input=data)
+        try:
+            step = handler(data)
+        except ValidationError as error:
+            if not missing:
+                raise
+            details = [
+                absent,
+                *(
+                    InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {}))
+                    for e in error.errors()
+                ),
+            ]
+            raise ValidationError.from_exception_data(error.title, details) from None
+        if missing:
+            raise ValidationError.from_exception_data(cls.__name__, [absent])
+        assert isinstance(step, WorkflowStep)
+        return step
+
     timeout_s: float | None = Field(None, gt=0, le=86_400, description="Deadline of each attempt.")
+    input_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_INPUT_TIMEOUT_S,
+        description="How long a question (the agent's, or an approval) waits for its answer; then the step fails "
+        "(or takes the approval's default_decision).",
+    )
     retry: RetryPolicy | None = Field(None, description="Overrides the agent's or the global retry policy.")
 
 
@@ -238,7 +328,7 @@ class WorkflowPlan(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_LATER_STEP_FIELDS: Final = ("routes", "otherwise", "join", "loop", "map")
+_LATER_STEP_FIELDS: Final = ("routes", "otherwise", "join", "loop", "map", "approval", "input_timeout_s")
 
 
 class _GraphCache:
@@ -434,7 +524,9 @@ def _check_step(key: str, step: WorkflowStep, steps: Mapping[str, WorkflowStep])
         problems.append(
             PlanProblem(_path("steps", key), "'workflow' is reserved for ${workflow.input}; rename the step")
         )
-    if not step.agent_name.strip():
+    if step.approval is not None:
+        problems.extend(_check_approval(key, step))
+    elif not step.agent_name.strip():
         problems.append(PlanProblem(_path("steps", key, "agent_name"), "agent_name is empty"))
     seen: set[str] = set()
     for json_path, name, target in _links(key, step):
@@ -467,6 +559,27 @@ def _check_step(key: str, step: WorkflowStep, steps: Mapping[str, WorkflowStep])
         problems.extend(_check_condition(step.loop.while_, _path("steps", key, "loop", "while")))
     if step.map is not None:
         problems.extend(_check_map_list(step.map.over, _path("steps", key, "map", "over")))
+    return problems
+
+
+def _check_approval(key: str, step: WorkflowStep) -> list[PlanProblem]:
+    """An approval step asks a person: it has no agent, no input of its own and no items."""
+    problems: list[PlanProblem] = []
+    for name, present in (
+        ("agent_name", step.agent_name != APPROVAL_AGENT),
+        ("input_mapping", bool(step.input_mapping)),
+        ("map", step.map is not None),
+        ("retry", step.retry is not None),
+        ("timeout_s", step.timeout_s is not None),
+    ):
+        if present:
+            problems.append(
+                PlanProblem(
+                    _path("steps", key, name),
+                    f"an approval step calls no agent, so it has no {name} (its prompt is approval.prompt, its wait "
+                    "input_timeout_s)",
+                )
+            )
     return problems
 
 
@@ -574,6 +687,8 @@ def _condition_expressions(text: str, json_path: str) -> list[tuple[str, Express
 def _step_expressions(key: str, step: WorkflowStep) -> list[tuple[str, Expression | MappingError]]:
     """The placeholders a step reads before its call (mapping and map list)."""
     found = list(find_expressions(step.input_mapping, _path("steps", key, "input_mapping")))
+    if step.approval is not None:
+        found.extend(find_expressions(step.approval.prompt, _path("steps", key, "approval", "prompt")))
     if step.map is not None and isinstance(step.map.over, str):
         found.extend(find_expressions(step.map.over, _path("steps", key, "map", "over")))
     return found

@@ -6,6 +6,10 @@ map item (null outside maps) and the attempt number. Both carry the run
 state's ``version`` so that a snapshot written late (a retried batch, a slow
 checkpointer) never overwrites a newer one.
 
+A run counts the executions that wait for a person (``waiting``); an
+attempt keeps the questions it asked and their answers (``exchanges``) and
+the agent's A2A task (``task_id``).
+
 The schema is created and changed by Alembic (``switchyard/migrations``);
 these classes must match its latest revision.
 """
@@ -15,7 +19,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, func
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -54,6 +70,9 @@ class WorkflowRun(Base):
         JSONB, nullable=True, doc="The whole RunState of the last snapshot: what a lost run is rebuilt from."
     )
     version: Mapped[int] = mapped_column(BigInteger, default=0, doc="RunState.version of the last snapshot written.")
+    waiting: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", doc="RunState.waiting: how many executions wait for a person."
+    )
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
@@ -69,6 +88,8 @@ class WorkflowRun(Base):
     __table_args__ = (
         Index("ix_workflow_runs_status_created_at", "status", "created_at"),
         Index("ix_workflow_runs_workflow_id", "workflow_id"),
+        # The runs that wait for a person (GET /runs/?status=WAITING), newest first: a few among many.
+        Index("ix_workflow_runs_waiting_created_at", "created_at", postgresql_where=text("waiting > 0")),
     )
 
 
@@ -89,6 +110,12 @@ class StepExecution(Base):
     output_data: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
     error: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
     correlation_id: Mapped[str] = mapped_column(Text, unique=True)
+    exchanges: Mapped[Any | None] = mapped_column(
+        JSONB(none_as_null=True),  # SQL NULL, not JSON null, for an attempt that asked nothing
+        nullable=True,
+        doc="Attempt.exchanges: the questions asked and their answers (NULL when none).",
+    )
+    task_id: Mapped[str | None] = mapped_column(Text, nullable=True, doc="The agent's A2A task, once it asked.")
     run_version: Mapped[int] = mapped_column(BigInteger, default=0, doc="RunState.version this row was written from.")
     started_at: Mapped[datetime | None]
     deadline: Mapped[datetime | None]

@@ -18,6 +18,10 @@ How a plan runs (the README's "Plans" section says it for users):
   iteration, at most ``max_iterations`` times.
 * A map step runs one execution per item, at most ``max_concurrency`` at a
   time, and its output is their outputs in the items' order.
+* An agent that asks a question (A2A ``INPUT_REQUIRED``) leaves its attempt
+  WAITING for a person, with an input deadline in place of the call's; the
+  answer carries the call on (the same A2A task, the next turn). An approval
+  step's one attempt waits for a decision the same way, and calls no agent.
 * The run completes when no step is waiting or running.
 
 Rules this module keeps (docs/architecture.md, "The run state machine"):
@@ -25,7 +29,8 @@ Rules this module keeps (docs/architecture.md, "The run state machine"):
 * Idempotent: an event that changes nothing (a duplicate or stale result, a
   timeout of an attempt that already ended, a second submission of the same
   run, anything for a finished run) returns the state unchanged and **no**
-  effects.
+  effects; the one exception is a stale question on an A2A task that no
+  attempt holds, whose task the agent is asked to cancel (no one will answer it).
 * Every change bumps ``RunState.version`` by one; the PostgreSQL snapshot
   upsert uses it so an older snapshot never overwrites a newer one.
 * Events that cannot belong to any run (a result for an unknown run or step)
@@ -45,15 +50,20 @@ from models.agents import RecoveryAction
 from models.conditions import ConditionError, evaluate, parse_condition
 from models.mapping import MappingContext, MappingError, resolve_mapping
 from models.messages import (
+    MAX_TEXT_CHARS,
     AgentError,
+    AgentResult,
     AgentTask,
+    Answer,
     ErrorKind,
     MonitoringUpdate,
+    Question,
+    Reply,
     ResultStatus,
     correlation_id,
     submission_fingerprint,
 )
-from models.plan import MAX_MAP_ITEMS, RetryPolicy, WorkflowStep, check_plan
+from models.plan import APPROVAL_AGENT, MAX_MAP_ITEMS, RetryPolicy, WorkflowStep, check_plan
 from models.run_events import (
     AgentResultReceived,
     CancelAgentTask,
@@ -63,6 +73,7 @@ from models.run_events import (
     DispatchTask,
     Effect,
     Event,
+    InputGiven,
     PublishMonitoring,
     RetryRequested,
     RunFinished,
@@ -72,10 +83,12 @@ from models.run_events import (
     StepTimedOut,
     event_run_id,
 )
+from models.run_input import answer_refusal, answered_already
 from models.run_limits import dropped, fail_too_large, fail_unreadable, step_in_flight
 from models.run_state import (
     AgentPolicy,
     Attempt,
+    Exchange,
     Execution,
     ExecutionDefaults,
     RunError,
@@ -101,6 +114,7 @@ __all__ = [
     "Event",
     "Execution",
     "ExecutionDefaults",
+    "InputGiven",
     "PublishMonitoring",
     "RetryRequested",
     "RunError",
@@ -187,13 +201,20 @@ def transition(state: RunState | None, event: Event) -> Outcome:
             or attempt is None
             or not state.awaits(result.step_id, result.attempt, result.iteration, result.item)
             or attempt.correlation_id != result.correlation_id
+            or attempt.status is StepStatus.WAITING
+            or result.turn != attempt.turn
         ):
             # Stale or duplicate: idempotent. (A PENDING attempt's result is
-            # accepted: it proves the delayed dispatch happened.)
-            return state, []
+            # accepted: it proves the delayed dispatch happened. A waiting one
+            # waits for a person; a result of an earlier turn is a repeat.)
+            return state, _orphan_question(state, result)
         draft = _Draft(state, event.at)
         if result.status is ResultStatus.SUCCESS:
             _succeed(draft, execution, attempt, result.output)
+        elif result.question is not None:  # INPUT_REQUIRED
+            question = result.question
+            asked = attempt.model_copy(update={"task_id": question.task_id, "context_id": question.context_id})
+            _ask(draft, execution, asked, Question(text=question.text, data=question.data))
         else:
             assert result.error is not None  # guaranteed by AgentResult's validator
             _fail_attempt(draft, execution, attempt, result.error)
@@ -209,7 +230,10 @@ def transition(state: RunState | None, event: Event) -> Outcome:
         ):
             return state, []
         draft = _Draft(state, event.at)
-        timeout_s = (attempt.deadline - attempt.dispatch_at).total_seconds()
+        if attempt.status is StepStatus.WAITING:
+            _input_timed_out(draft, execution, attempt)
+            return draft.outcome()
+        timeout_s, _ = _policy(state, state.plan.steps[execution.step_id], attempt.agent_name)
         error = AgentError(
             kind=ErrorKind.TIMEOUT,
             message=f"no result from agent {attempt.agent_name!r} within {timeout_s:g}s",
@@ -218,6 +242,8 @@ def transition(state: RunState | None, event: Event) -> Outcome:
         draft.effects.append(_cancel_task(state.run_id, execution, attempt))
         _fail_attempt(draft, execution, attempt, error)
         return draft.outcome()
+    if isinstance(event, InputGiven):
+        return _on_input(state, event)
     if isinstance(event, CancelRequested):
         if state.status.finished:
             return state, []
@@ -235,6 +261,7 @@ def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]
 
     Attempts in flight are dispatched again with the same correlation id (the
     bridge and agents recognise the repeat), delayed retries keep their time,
+    attempts waiting for a person are not dispatched (their question stands),
     and every deadline is scheduled again, no earlier than ``now + grace_s``.
 
     The grace matters after a restart: results that arrived while the
@@ -257,8 +284,9 @@ def resume(state: RunState, now: datetime, grace_s: float = 0.0) -> list[Effect]
         attempt = execution.current
         if attempt is None or attempt.status.finished:
             continue
-        not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
-        effects.append(DispatchTask(task=_task(state.run_id, execution, attempt), not_before=not_before))
+        if attempt.status is not StepStatus.WAITING:  # a waiting attempt has no call in flight: only its deadline
+            not_before = attempt.dispatch_at if attempt.dispatch_at > now else None
+            effects.append(DispatchTask(task=_task(state.run_id, execution, attempt), not_before=not_before))
         effects.append(
             _timeout(state.run_id, execution, attempt, max(attempt.deadline, now + timedelta(seconds=grace_s)))
         )
@@ -272,7 +300,7 @@ def cancel_in_flight(state: RunState | None, at: datetime) -> list[CancelAgentTa
     out = []
     for execution in state.open_executions():
         attempt = execution.current
-        if attempt is not None and not attempt.status.finished and attempt.dispatch_at <= at:
+        if attempt is not None and _has_call(attempt) and attempt.dispatch_at <= at:
             out.append(_cancel_task(state.run_id, execution, attempt))
     return out
 
@@ -321,6 +349,13 @@ class _Draft:
         if isinstance(item, StepState):
             self.steps[item.step_id] = item
         else:
+            before = self.executions.get(item.key)
+            was = before is not None and before.status is StepStatus.WAITING
+            now = item.status is StepStatus.WAITING
+            if was != now:  # the run's count of executions waiting for a person follows every change
+                waiting = self.fields.get("waiting", self.state.waiting)
+                assert isinstance(waiting, int)
+                self.fields["waiting"] = waiting + (1 if now else -1)
             self.executions[item.key] = item
             self.touched.add(item.key)
 
@@ -671,6 +706,9 @@ def _open_execution(draft: _Draft, step: StepState, item: int | None) -> None:
 def _new_attempt(draft: _Draft, execution: Execution, dispatch_at: datetime) -> None:
     """Add the next attempt to ``execution``, or fail it if its input cannot be mapped."""
     plan_step = draft.plan.steps[execution.step_id]
+    if plan_step.approval is not None:
+        _ask_approval(draft, execution, plan_step)
+        return
     try:
         task_input = resolve_mapping(plan_step.input_mapping, draft.context(execution))
     except MappingError as error:
@@ -855,6 +893,170 @@ def _finish_if_done(draft: _Draft) -> None:
     _finish(draft, RunStatus.COMPLETED, output=output)
 
 
+# ---------------------------------------------------------------- people
+
+
+def _orphan_question(state: RunState, result: AgentResult) -> list[Effect]:
+    """A stale result that asks on an A2A task no attempt holds: cancel that task, or it waits for ever.
+
+    A call made again (a bridge that died before its offsets were committed
+    delivers a task that had ended) starts a new task at the agent; when it
+    asks, no one will answer it. The question of the task an attempt holds
+    (the same question, delivered again) is left alone.
+    """
+    question = result.question
+    if question is None:
+        return []
+    for execution in state.executions.values():
+        if execution.step_id == result.step_id and any(a.task_id == question.task_id for a in execution.attempts):
+            return []
+    return [
+        CancelAgentTask(
+            run_id=state.run_id,
+            step_id=result.step_id,
+            attempt=result.attempt,
+            iteration=result.iteration,
+            item=result.item,
+            correlation_id=result.correlation_id,
+            agent_name=_agent_of(state, result),
+            task_id=question.task_id,
+        )
+    ]
+
+
+def _agent_of(state: RunState, result: AgentResult) -> str:
+    """The agent an attempt called (the plan's, when the run no longer knows the attempt)."""
+    execution = state.executions.get(execution_key(result.step_id, result.iteration, result.item))
+    if execution is not None and result.attempt <= len(execution.attempts):
+        return execution.attempts[result.attempt - 1].agent_name
+    return state.plan.steps[result.step_id].agent_name
+
+
+def _ask(draft: _Draft, execution: Execution, attempt: Attempt, question: Question) -> None:
+    """The attempt's agent (or its approval step) asks a person: it waits, under an input deadline, not the call's."""
+    plan_step = draft.plan.steps[execution.step_id]
+    deadline = draft.at + timedelta(seconds=_input_timeout_s(draft.state, plan_step, attempt.agent_name))
+    waiting = attempt.model_copy(
+        update={
+            "status": StepStatus.WAITING,
+            "exchanges": (*attempt.exchanges, Exchange(question=question, asked_at=draft.at)),
+            "deadline": deadline,
+        }
+    )
+    execution = execution.model_copy(
+        update={"attempts": (*execution.attempts[:-1], waiting), "status": StepStatus.WAITING, "next_attempt_at": None}
+    )
+    draft.put(execution)
+    draft.effects.append(_timeout(draft.state.run_id, execution, waiting, deadline))
+    draft.monitor(
+        StepStatus.WAITING,
+        execution,
+        question=question.text,
+        data=question.data,
+        turn=waiting.turn,
+        deadline=deadline.isoformat(),
+    )
+
+
+def _ask_approval(draft: _Draft, execution: Execution, plan_step: WorkflowStep) -> None:
+    """An approval step's attempt: its prompt, mapped like an input, waits for a decision (no agent is called)."""
+    assert plan_step.approval is not None
+    try:
+        prompt = resolve_mapping(plan_step.approval.prompt, draft.context(execution))
+    except MappingError as error:
+        mapping_error = AgentError(kind=ErrorKind.MAPPING_ERROR, message=str(error), retriable=False)
+        _execution_failed(draft, execution, mapping_error, why="the approval prompt cannot be mapped")
+        return
+    number = len(execution.attempts) + 1
+    attempt = Attempt(
+        number=number,
+        correlation_id=correlation_id(
+            draft.state.run_id, execution.step_id, number, execution.iteration, execution.item
+        ),
+        agent_name=APPROVAL_AGENT,
+        status=StepStatus.RUNNING,
+        input=prompt,
+        dispatch_at=draft.at,
+        deadline=draft.at,
+    )
+    execution = execution.model_copy(update={"attempts": (*execution.attempts, attempt)})
+    # A text prompt is the question; an object is its data, and its "text", if any, the question too.
+    text = prompt if isinstance(prompt, str) else prompt.get("text") if isinstance(prompt, dict) else None
+    question = Question(
+        text=text[:MAX_TEXT_CHARS] if isinstance(text, str) else "", data=None if isinstance(prompt, str) else prompt
+    )
+    _ask(draft, execution, attempt, question)
+
+
+def _on_input(state: RunState, event: InputGiven) -> Outcome:
+    """A person's answer: applied to the question it names if that question still waits, else refused."""
+    if answered_already(state, event.step_id, event.iteration, event.item, event.answer.answer_id):
+        return state, []  # this very answer, delivered again: applied already
+    refusal = answer_refusal(state, event.step_id, event.iteration, event.item, event.turn, event.answer, event.attempt)
+    if refusal is not None:
+        return state, [DeadLetter(run_id=state.run_id, reason=f"answer refused: {refusal}")]
+    execution = state.executions[execution_key(event.step_id, event.iteration, event.item)]
+    attempt = execution.current
+    assert attempt is not None  # answer_refusal found it waiting
+    draft = _Draft(state, event.at)
+    _answer(draft, execution, attempt, event.answer)
+    return draft.outcome()
+
+
+def _answer(draft: _Draft, execution: Execution, attempt: Attempt, answer: Answer) -> None:
+    """Record the answer; an approval is decided by it, an agent's call goes on with it (its next turn)."""
+    question = attempt.exchanges[-1].model_copy(update={"answer": answer, "answered_at": draft.at})
+    answered = attempt.model_copy(update={"exchanges": (*attempt.exchanges[:-1], question)})
+    plan_step = draft.plan.steps[execution.step_id]
+    if plan_step.approval is not None:
+        approved = answer.decision == "approve"
+        draft.monitor("ANSWERED", execution, decision=answer.decision, turn=attempt.turn, source=answer.source)
+        if not approved and plan_step.approval.on_reject == "fail":
+            why = f": {answer.text}" if answer.text else ""
+            error = AgentError(kind=ErrorKind.REJECTED, message=f"step {execution.step_id!r} was rejected{why}")
+            _fail_attempt(draft, execution, answered.model_copy(update={"status": StepStatus.RUNNING}), error)
+            return
+        output: JsonValue = {
+            "approved": approved,
+            "decision": answer.decision,
+            "text": answer.text,
+            "data": answer.data,
+        }
+        _succeed(draft, execution, answered, output)
+        return
+    timeout_s, _ = _policy(draft.state, plan_step, attempt.agent_name)
+    going_on = answered.model_copy(
+        update={"status": StepStatus.RUNNING, "deadline": draft.at + timedelta(seconds=timeout_s)}
+    )
+    execution = execution.model_copy(
+        update={"attempts": (*execution.attempts[:-1], going_on), "status": StepStatus.RUNNING}
+    )
+    draft.put(execution)
+    draft.effects.append(DispatchTask(task=_task(draft.state.run_id, execution, going_on)))
+    draft.effects.append(_timeout(draft.state.run_id, execution, going_on, going_on.deadline))
+    draft.monitor("ANSWERED", execution, turn=attempt.turn, source=answer.source)
+
+
+def _input_timed_out(draft: _Draft, execution: Execution, attempt: Attempt) -> None:
+    """No answer in time: an approval takes its default decision if it has one; else the attempt fails."""
+    plan_step = draft.plan.steps[execution.step_id]
+    timeout_s = _input_timeout_s(draft.state, plan_step, attempt.agent_name)
+    approval = plan_step.approval
+    if approval is not None and approval.default_decision is not None:
+        _answer(
+            draft,
+            execution,
+            attempt,
+            Answer(answer_id=f"timeout:{attempt.correlation_id}", decision=approval.default_decision, source="timeout"),
+        )
+        return
+    asked = "the approval" if approval is not None else f"the question of agent {attempt.agent_name!r}"
+    error = AgentError(kind=ErrorKind.INPUT_TIMEOUT, message=f"no answer to {asked} within {timeout_s:g}s")
+    if _has_call(attempt):
+        draft.effects.append(_cancel_task(draft.state.run_id, execution, attempt))  # its task waits for nothing now
+    _fail_attempt(draft, execution, attempt, error)
+
+
 # ------------------------------------------------------------------- failures
 
 
@@ -863,6 +1065,12 @@ def _policy(state: RunState, step: WorkflowStep, agent_name: str) -> tuple[float
     timeout_s = next(t for t in (step.timeout_s, agent.timeout_s, state.defaults.timeout_s) if t is not None)
     retry = next(r for r in (step.retry, agent.retry, state.defaults.retry) if r is not None)
     return timeout_s, retry
+
+
+def _input_timeout_s(state: RunState, step: WorkflowStep, agent_name: str) -> float:
+    """How long a question waits for its answer: the step's, else the agent's, else the run's default."""
+    agent = state.defaults.agent(agent_name)
+    return next(t for t in (step.input_timeout_s, agent.input_timeout_s, state.defaults.input_timeout_s) if t)
 
 
 def _fail_attempt(draft: _Draft, execution: Execution, attempt: Attempt, error: AgentError) -> None:
@@ -988,7 +1196,7 @@ def _end_execution(draft: _Draft, execution: Execution, status: StepStatus, reas
     attempt = execution.current
     attempts = execution.attempts
     if attempt is not None and not attempt.status.finished:
-        if attempt.dispatch_at <= draft.at:
+        if _has_call(attempt) and attempt.dispatch_at <= draft.at:
             draft.effects.append(_cancel_task(draft.state.run_id, execution, attempt))
         ended = attempt.model_copy(update={"status": status, "finished_at": draft.at})
         attempts = (*attempts[:-1], ended)
@@ -1046,6 +1254,13 @@ def _end_detail(error: RunError | None) -> dict[str, JsonValue]:
 
 
 def _task(run_id: str, execution: Execution, attempt: Attempt) -> AgentTask:
+    turn = attempt.turn
+    reply = None
+    if turn > 0:  # the call goes on from the latest answer, on the agent's own task
+        answer = attempt.exchanges[-1].answer
+        assert answer is not None  # answered: the attempt is running again
+        assert attempt.task_id is not None
+        reply = Reply(task_id=attempt.task_id, context_id=attempt.context_id, text=answer.text, data=answer.data)
     return AgentTask(
         correlation_id=attempt.correlation_id,
         run_id=run_id,
@@ -1056,7 +1271,14 @@ def _task(run_id: str, execution: Execution, attempt: Attempt) -> AgentTask:
         agent_name=attempt.agent_name,
         input=attempt.input,
         deadline=attempt.deadline,
+        turn=turn,
+        reply=reply,
     )
+
+
+def _has_call(attempt: Attempt) -> bool:
+    """Whether an unfinished attempt may have a call at its agent to cancel (an approval has none)."""
+    return not attempt.status.finished and attempt.agent_name != APPROVAL_AGENT
 
 
 def _timeout(run_id: str, execution: Execution, attempt: Attempt, at: datetime) -> ScheduleTimeout:
@@ -1079,4 +1301,5 @@ def _cancel_task(run_id: str, execution: Execution, attempt: Attempt) -> CancelA
         item=execution.item,
         correlation_id=attempt.correlation_id,
         agent_name=attempt.agent_name,
+        task_id=attempt.task_id,
     )

@@ -6,7 +6,7 @@ from typing import TypeAlias
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
-from models.messages import AgentResult, AgentTask, MonitoringUpdate, RunId
+from models.messages import AgentResult, AgentTask, Answer, MonitoringUpdate, RunId
 from models.plan import WorkflowPlan
 from models.run_state import ExecutionDefaults, RunError, RunState, RunStatus
 
@@ -19,6 +19,7 @@ __all__ = [
     "DispatchTask",
     "Effect",
     "Event",
+    "InputGiven",
     "PublishMonitoring",
     "RetryRequested",
     "RunFinished",
@@ -88,6 +89,26 @@ class RetryRequested(BaseModel):
     at: AwareDatetime
 
 
+class InputGiven(BaseModel):
+    """A person answered the question an execution waits on, or decided its approval.
+
+    ``turn`` names the question: the attempt's ``turn``-th (from 0), in
+    ``attempt`` when given. An answer to a question already answered, or not
+    asked, is refused; the same answer again changes nothing.
+    """
+
+    model_config = _FROZEN
+
+    run_id: str
+    step_id: str
+    iteration: int = 1
+    item: int | None = None
+    attempt: int | None = Field(None, ge=1)
+    turn: int = Field(ge=0)
+    answer: Answer
+    at: AwareDatetime
+
+
 class RunRestored(BaseModel):
     """The run's last checkpoint, to rebuild it when the table lost it (broker or disk gone)."""
 
@@ -102,7 +123,9 @@ class RunRestored(BaseModel):
         return self.state.run_id
 
 
-Event: TypeAlias = RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested | RunRestored
+Event: TypeAlias = (
+    RunSubmitted | AgentResultReceived | StepTimedOut | CancelRequested | RetryRequested | RunRestored | InputGiven
+)
 
 
 def event_run_id(event: Event) -> str:
@@ -147,6 +170,7 @@ class CancelAgentTask(BaseModel):
     item: int | None = None
     correlation_id: str
     agent_name: str
+    task_id: str | None = None
 
 
 class PublishMonitoring(BaseModel):

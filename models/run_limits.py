@@ -17,7 +17,16 @@ from pydantic import JsonValue
 from models.messages import AgentError, ErrorKind, MonitoringUpdate
 from models.plan import WorkflowPlan, WorkflowStep
 from models.run_events import CancelAgentTask, Checkpoint, Effect, PublishMonitoring, RunFinished
-from models.run_state import Execution, ExecutionDefaults, RunError, RunState, RunStatus, StepStatus
+from models.run_state import (
+    Attempt,
+    Exchange,
+    Execution,
+    ExecutionDefaults,
+    RunError,
+    RunState,
+    RunStatus,
+    StepStatus,
+)
 
 __all__ = ["dropped", "fail_too_large", "fail_unreadable", "step_in_flight"]
 
@@ -184,6 +193,7 @@ def _failed_run(state: RunState, error: RunError, at: datetime) -> RunState:
             "status": RunStatus.FAILED,
             "output": None,
             "error": error,
+            "waiting": 0,  # its waiting executions failed with it
             "completed_at": at,
             "updated_at": max(at, state.updated_at),
         }
@@ -285,8 +295,17 @@ def _drop_values(state: RunState, keep: int, reason: str) -> RunState:
             return value
         return dropped(value, reason)
 
+    def exchange(x: Exchange) -> Exchange:
+        question = x.question.model_copy(update={"data": small(x.question.data)})
+        answer = x.answer.model_copy(update={"data": small(x.answer.data)}) if x.answer is not None else None
+        return x.model_copy(update={"question": question, "answer": answer})
+
+    def attempt(a: Attempt) -> Attempt:
+        exchanges = tuple(exchange(x) for x in a.exchanges)
+        return a.model_copy(update={"input": small(a.input), "output": small(a.output), "exchanges": exchanges})
+
     def execution(e: Execution) -> Execution:
-        attempts = tuple(a.model_copy(update={"input": small(a.input), "output": small(a.output)}) for a in e.attempts)
+        attempts = tuple(attempt(a) for a in e.attempts)
         return e.model_copy(update={"attempts": attempts, "default_output": small(e.default_output)})
 
     steps = {}

@@ -9,7 +9,10 @@ Three levels, each with one job:
   iteration and, in a map step, the item. Every iteration and every item is
   its own execution, recorded with its own attempts.
 * :class:`Attempt`: one agent call of an execution, identified by its
-  correlation id (also the call's idempotency key).
+  correlation id (also the call's idempotency key). An attempt whose agent
+  asked a question (A2A ``INPUT_REQUIRED``), or an approval step's attempt,
+  is WAITING for a person; its :class:`Exchange` records hold each question
+  and answer.
 
 Pure data: the transitions live in :mod:`models.run`.
 """
@@ -23,12 +26,14 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from models.agents import RecoveryPolicy
-from models.messages import AgentError
-from models.plan import DEFAULT_RETRY, RetryPolicy, WorkflowPlan
+from models.messages import AgentError, Answer, Question
+from models.plan import DEFAULT_INPUT_TIMEOUT_S, DEFAULT_RETRY, MAX_INPUT_TIMEOUT_S, RetryPolicy, WorkflowPlan
 
 __all__ = [
     "AgentPolicy",
     "Attempt",
+    "DEFAULT_INPUT_TIMEOUT_S",
+    "Exchange",
     "Execution",
     "ExecutionDefaults",
     "RunError",
@@ -64,7 +69,9 @@ class StepStatus(StrEnum):
     """Where a step, an execution, or one attempt is.
 
     A step is PENDING while it waits for the steps that lead to it (its
-    join); an attempt is PENDING while it waits for its delayed dispatch. A
+    join); an attempt is PENDING while it waits for its delayed dispatch. An
+    attempt, and its execution, are WAITING while a person has a question to
+    answer (an agent's, or an approval step's). A
     step is SKIPPED when no route taken leads to it, when it lost a race into
     an any-join, or when its attempts ran out and the agent's recovery policy
     says to go on with a default output (then it has an output).
@@ -72,6 +79,7 @@ class StepStatus(StrEnum):
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
+    WAITING = "WAITING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -93,6 +101,7 @@ class AgentPolicy(BaseModel):
     model_config = _FROZEN
 
     timeout_s: float | None = Field(None, gt=0, le=86_400)
+    input_timeout_s: float | None = Field(None, gt=0, le=MAX_INPUT_TIMEOUT_S)
     retry: RetryPolicy | None = None
     recovery: RecoveryPolicy = RecoveryPolicy()
 
@@ -108,6 +117,7 @@ class ExecutionDefaults(BaseModel):
     model_config = _FROZEN
 
     timeout_s: float = Field(300.0, gt=0, le=86_400)
+    input_timeout_s: float = Field(DEFAULT_INPUT_TIMEOUT_S, gt=0, le=MAX_INPUT_TIMEOUT_S)
     retry: RetryPolicy = DEFAULT_RETRY
     agents: dict[str, AgentPolicy] = Field(default_factory=dict)
 
@@ -160,8 +170,23 @@ def execution_key(step_id: str, iteration: int = 1, item: int | None = None) -> 
     return f"{step_id}@{iteration}" if item is None else f"{step_id}@{iteration}[{item}]"
 
 
+class Exchange(BaseModel):
+    """One question a person was asked during an attempt, and their answer once given."""
+
+    model_config = _FROZEN
+
+    question: Question
+    asked_at: AwareDatetime
+    answer: Answer | None = None
+    answered_at: AwareDatetime | None = None
+
+
 class Attempt(BaseModel):
-    """One try at an execution: one agent call, identified by its correlation id."""
+    """One try at an execution: one agent call, identified by its correlation id.
+
+    While it is WAITING, its ``deadline`` is the input deadline (the call's
+    deadline is suspended); once answered, the call goes on with a new one.
+    """
 
     model_config = _FROZEN
 
@@ -177,6 +202,21 @@ class Attempt(BaseModel):
     finished_at: AwareDatetime | None = None
     output: JsonValue = None
     error: AgentError | None = None
+    exchanges: tuple[Exchange, ...] = Field((), description="The questions asked so far, and their answers.")
+    task_id: str | None = Field(None, description="The agent's A2A task, once it asked a question.")
+    context_id: str | None = Field(None, description="The A2A task's context.")
+
+    @property
+    def turn(self) -> int:
+        """How many answers the call has carried on from (the turn of its next task or result)."""
+        return sum(1 for exchange in self.exchanges if exchange.answer is not None)
+
+    @property
+    def question(self) -> Exchange | None:
+        """The exchange that waits for its answer, while the attempt is WAITING."""
+        if self.status is StepStatus.WAITING and self.exchanges and self.exchanges[-1].answer is None:
+            return self.exchanges[-1]
+        return None
 
 
 class Execution(BaseModel):
@@ -280,6 +320,7 @@ class RunState(BaseModel):
     )
     output: JsonValue = None
     error: RunError | None = None
+    waiting: int = Field(0, ge=0, description="How many executions wait for a person's answer (a RUNNING run).")
     created_at: AwareDatetime
     started_at: AwareDatetime | None = None
     completed_at: AwareDatetime | None = None
@@ -309,6 +350,10 @@ class RunState(BaseModel):
     def open_executions(self) -> list[Execution]:
         """The executions that have not finished, in the order they started."""
         return [e for e in self.executions.values() if not e.status.finished]
+
+    def waiting_executions(self) -> list[Execution]:
+        """The executions waiting for a person's answer, in the order they started."""
+        return [e for e in self.executions.values() if e.status is StepStatus.WAITING]
 
     def awaits(self, step_id: str, attempt: int, iteration: int = 1, item: int | None = None) -> bool:
         """Whether that attempt is its execution's latest and still waits for its result, in a running run."""

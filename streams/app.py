@@ -35,6 +35,7 @@ from models.run import (
     AgentResultReceived,
     CancelRequested,
     Event,
+    InputGiven,
     RetryRequested,
     RunState,
     StepTimedOut,
@@ -129,6 +130,20 @@ def _event_from_control(message: ControlMessage) -> Event:
         return CancelRequested(run_id=message.run_id, at=at, reason=message.reason or "cancelled by request")
     if message.command is ControlCommand.RETRY:
         return RetryRequested(run_id=message.run_id, at=at)
+    if message.command is ControlCommand.INPUT:
+        assert message.step_id is not None  # checked by ControlMessage
+        assert message.answer is not None
+        assert message.turn is not None
+        return InputGiven(
+            run_id=message.run_id,
+            step_id=message.step_id,
+            iteration=message.iteration,
+            item=message.item,
+            attempt=message.attempt,
+            turn=message.turn,
+            answer=message.answer,
+            at=at,
+        )
     # RESTORE, RESUME and EVICT are handled before this; what is left is a step timeout.
     assert message.step_id is not None  # checked by ControlMessage
     assert message.attempt is not None
@@ -197,6 +212,7 @@ def create_app(settings: Settings | None = None) -> ExecutorApp:
         records=_Records(app.database),
         registry=CachedRegistry(_Registry(app.database), settings.registry_cache_ttl_s),
         default_timeout_s=settings.default_step_timeout_s,
+        default_input_timeout_s=settings.default_input_timeout_s,
         resume_grace_s=settings.resume_grace_s,
         retention_s=settings.finished_run_retention_s,
         app_name=APP_ID,

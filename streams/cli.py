@@ -5,6 +5,8 @@
 * ``submit PLAN.json [--input JSON | --input-file F] [--run-id ID] [--wait]``.
 * ``status RUN_ID [--json]``.
 * ``cancel RUN_ID`` / ``retry RUN_ID`` / ``resume RUN_ID``.
+* ``input RUN_ID STEP_ID [--text T] [--data JSON] [--approve | --reject] [--item N]``:
+  answer the question a step waits on, or decide its approval.
 
 They work against the running stack with the default settings: they talk to
 the same PostgreSQL (the embedded one in ``.switchyard/`` by default) and put
@@ -15,13 +17,15 @@ CLI or the executor refuses), 3 when ``--wait`` gives up while the run goes on.
 
 Each command is a handler here that passes its arguments on to a function
 taking the :class:`~switchyard.settings.Settings` (:func:`manage_agents`,
-:func:`submit_run`, :func:`control_run`, :func:`show_status`), which tests call
+:func:`submit_run`, :func:`control_run`, :func:`give_input`, :func:`show_status`), which tests call
 directly; :func:`register` adds the handlers to the app.
 
 ``submit`` makes the checks of :mod:`streams.submissions` before it sends
 anything: a submission over ``SWITCHYARD_MAX_MESSAGE_BYTES`` is refused, and
 a ``--run-id`` that PostgreSQL already has is either the same submission again
-(nothing is sent; the existing run is the answer) or refused.
+(nothing is sent; the existing run is the answer) or refused. ``input`` makes
+the checks of :mod:`streams.answers` against the run's checkpoint: it works
+while the executor is down, and the answer is applied once it is back.
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ from models.messages import (
     new_run_id,
 )
 from models.plan import PlanValidationError, load_plan
-from models.run import RunStatus
+from models.run import RunStatus, StepStatus
+from streams.answers import AnswerRefused, answer_from, answer_record
 from streams.submissions import SubmissionRefused, encode_submission, is_repeat
 from streams.views import record_view
 from streams.web import recorded_status, refuse_command
 from switchyard.agent_cards import AgentCardError, fetch_card
 from switchyard.database import connect
-from switchyard.db import RunRecord, WorkflowRepository
+from switchyard.db import RunRecord, StepRecord, WorkflowRepository
 from switchyard.kafka import ensure_topics, produce
 from switchyard.registry import RegistryFileError, RegistryStore, load_registry_file
 from switchyard.settings import Settings
@@ -93,6 +98,8 @@ __all__ = [
     "encode_or_refuse",
     "executor_refusal",
     "final_report",
+    "give_input",
+    "input_",
     "load_agents_file",
     "manage_agents",
     "put_agents",
@@ -417,8 +424,30 @@ def _step_lines(record: RunRecord, seen: dict[str, str]) -> list[str]:
             where += f" (iteration {attempt.iteration})"
         if attempt.item is not None:
             where += f" [item {attempt.item}]"
-        lines.append(f"  {where} #{attempt.attempt} [{attempt.agent_name}] {attempt.status}{took}{error}")
+        agent = attempt.agent_name or "approval"
+        lines.append(f"  {where} #{attempt.attempt} [{agent}] {attempt.status}{took}{error}")
+        question = _open_question(attempt)
+        if question is not None:
+            how = "--approve | --reject" if not attempt.agent_name else "--text TEXT | --data JSON"
+            item = f" --item {attempt.item}" if attempt.item is not None else ""
+            lines.append(f"    asks: {_one_line(question)}")
+            lines.append(f"    answer with: faust -A streams.app input {record.run_id} {attempt.step_id}{item} {how}")
     return lines
+
+
+def _open_question(attempt: StepRecord) -> str | None:
+    """The text of the question a waiting attempt asks (its data as JSON when it has no text), or None."""
+    if attempt.status != StepStatus.WAITING or not isinstance(attempt.exchanges, list) or not attempt.exchanges:
+        return None
+    last = attempt.exchanges[-1]
+    if not isinstance(last, dict) or last.get("answer") is not None:
+        return None
+    question = last.get("question") if isinstance(last.get("question"), dict) else {}
+    assert isinstance(question, dict)
+    text = question.get("text")
+    if isinstance(text, str) and text:
+        return text
+    return json.dumps(question.get("data"), ensure_ascii=False)
 
 
 def final_report(record: RunRecord) -> int:
@@ -648,6 +677,71 @@ async def control_run(settings: Settings, control_topic: str, run_id: str, comma
     return 0
 
 
+async def give_input(
+    settings: Settings,
+    control_topic: str,
+    run_id: str,
+    step_id: str,
+    *,
+    text: str | None = None,
+    data_json: str | None = None,
+    decision: str | None = None,
+    item: int | None = None,
+    iteration: int | None = None,
+) -> int:
+    """``input``: send a person's answer when the run's checkpoint shows the step waiting for one.
+
+    Args:
+        settings: The stack's settings.
+        control_topic: The control topic.
+        run_id: The run.
+        step_id: The step answered.
+        text: The answer's text.
+        data_json: The answer's data, as JSON (any JSON value).
+        decision: ``approve`` or ``reject``, for an approval step.
+        item: The map item answered (needed when several wait).
+        iteration: The loop iteration answered (the one waiting, by default).
+
+    Returns:
+        0 once the broker has the answer.
+
+    Raises:
+        CliError: Data that is not JSON, or an answer of the wrong form or
+            too large (exit 2); no such run or step, or a step that does
+            not wait (exit 1); or the broker did not take it.
+    """
+    fields: dict[str, Any] = {"text": text, "decision": decision}
+    if data_json is not None:
+        try:
+            fields["data"] = json.loads(data_json, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as error:
+            raise CliError(f"--data is not JSON: {_one_line(str(error) or type(error).__name__)}") from None
+    try:
+        answer = answer_from(fields, "cli")
+        state = await asyncio.to_thread(WorkflowRepository(_engine(settings)).get_state, run_id)
+        message, value = answer_record(
+            state, run_id, step_id, answer, limit=settings.max_message_bytes, item=item, iteration=iteration
+        )
+    except AnswerRefused as refused:
+        code = EXIT_BAD_INPUT if refused.status in {400, 413} else EXIT_FAILED
+        raise CliError(str(refused), code=code) from None
+    await send(
+        settings,
+        control_topic,
+        key=run_id.encode(),
+        value=value,
+        doing="the answer",
+        create_topics=False,  # the run exists, so do its topics
+    )
+    where = step_id if message.item is None else f"{step_id} item {message.item}"
+    click.echo(f"answer {answer.answer_id} sent to {where} of run {run_id} (question {(message.turn or 0) + 1})")
+    return 0
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def show_status(settings: Settings, run_id: str, as_json: bool) -> int:
     """``status RUN_ID [--json]``: print a run as PostgreSQL has it.
 
@@ -760,6 +854,43 @@ async def retry(self: SwitchyardCommand, run_id: str) -> int:
 async def resume(self: SwitchyardCommand, run_id: str) -> int:
     """Rebuild a RUNNING run from its checkpoint if the executor lost it, and re-dispatch what is in flight."""
     return await control_run(self.app.settings, self.app.control_topic.get_topic_name(), run_id, ControlCommand.RESUME)
+
+
+@_command(
+    argument("run_id"),
+    argument("step_id"),
+    option("--text", default=None, help="The answer, in words."),
+    option("--data", "data_json", default=None, help="The answer's data, as JSON."),
+    option("--approve", "decision", flag_value="approve", default=None, help="Approve (an approval step)."),
+    option("--reject", "decision", flag_value="reject", help="Reject (an approval step)."),
+    option("--item", default=None, type=click.IntRange(min=0), help="The map item answered, when several wait."),
+    option("--iteration", default=None, type=click.IntRange(min=1), help="The loop iteration answered."),
+)
+async def input_(
+    self: SwitchyardCommand,
+    run_id: str,
+    step_id: str,
+    text: str | None,
+    data_json: str | None,
+    decision: str | None,
+    item: int | None,
+    iteration: int | None,
+) -> int:
+    """Answer the question a step waits on (--text, --data), or decide its approval (--approve, --reject)."""
+    return await give_input(
+        self.app.settings,
+        self.app.control_topic.get_topic_name(),
+        run_id,
+        step_id,
+        text=text,
+        data_json=data_json,
+        decision=decision,
+        item=item,
+        iteration=iteration,
+    )
+
+
+input_.__name__ = input_.__qualname__ = "input"  # the command's name; ``input`` would hide the builtin here
 
 
 @_command(

@@ -31,7 +31,7 @@ from models.messages import (
     encode,
     utcnow,
 )
-from models.plan import WorkflowPlan
+from models.plan import DEFAULT_INPUT_TIMEOUT_S, WorkflowPlan
 from models.run import (
     AgentPolicy,
     CancelAgentTask,
@@ -210,6 +210,7 @@ class RunShell:
         records: PostgreSQL's view of runs, for runs the table does not have.
         registry: Where the agents' policies come from (None: global defaults only).
         default_timeout_s: The global default deadline of an attempt.
+        default_input_timeout_s: The global default wait of a question for its answer.
         resume_grace_s: After a restart, the least time before a passed deadline fires.
         retention_s: How long a finished run stays in the table after its end
             (once PostgreSQL has its final record; :meth:`evict`).
@@ -233,6 +234,7 @@ class RunShell:
         records: RunRecords,
         registry: Registry | None = None,
         default_timeout_s: float = 300.0,
+        default_input_timeout_s: float = DEFAULT_INPUT_TIMEOUT_S,
         resume_grace_s: float = 0.0,
         retention_s: float = 3600.0,
         app_name: str = "switchyard-executor",
@@ -251,6 +253,7 @@ class RunShell:
         self.records = records
         self.registry = registry
         self.default_timeout_s = default_timeout_s
+        self.default_input_timeout_s = default_input_timeout_s
         self.resume_grace_s = resume_grace_s
         self.retention_s = retention_s
         self.evicted = 0
@@ -476,6 +479,7 @@ class RunShell:
                 iteration=effect.iteration,
                 item=effect.item,
                 agent_name=effect.agent_name,
+                task_id=effect.task_id,
             )
             await self.cancels.send(key=effect.run_id.encode(), value=encode(cancel))
 
@@ -606,7 +610,7 @@ class RunShell:
     async def defaults_for(self, plan: WorkflowPlan) -> ExecutionDefaults:
         """The global defaults plus the registry's policy for each agent of the plan (and fallbacks)."""
         agents: dict[str, AgentPolicy] = {}
-        wanted = sorted({step.agent_name for step in plan.steps.values()})
+        wanted = sorted({step.agent_name for step in plan.steps.values() if step.approval is None})
         while self.registry is not None and wanted:
             name = wanted.pop()
             if name in agents:
@@ -618,10 +622,17 @@ class RunShell:
                 continue
             if entry is None:
                 continue
-            agents[name] = AgentPolicy(timeout_s=entry.timeout_s, retry=entry.retry, recovery=entry.recovery)
+            agents[name] = AgentPolicy(
+                timeout_s=entry.timeout_s,
+                input_timeout_s=entry.input_timeout_s,
+                retry=entry.retry,
+                recovery=entry.recovery,
+            )
             if entry.recovery.fallback_agent and entry.recovery.fallback_agent not in agents:
                 wanted.append(entry.recovery.fallback_agent)
-        return ExecutionDefaults(timeout_s=self.default_timeout_s, agents=agents)
+        return ExecutionDefaults(
+            timeout_s=self.default_timeout_s, input_timeout_s=self.default_input_timeout_s, agents=agents
+        )
 
     async def reject(self, key: bytes | None, payload: bytes, reason: str) -> bool:
         """Record an unreadable submission as a FAILED run when its run_id can be read.

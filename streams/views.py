@@ -5,6 +5,20 @@ table (:func:`state_view`) or from PostgreSQL (:func:`record_view`): its
 fields, then its steps in plan order, each with its status, its latest
 output and every attempt of every execution (each attempt names its loop
 ``iteration`` and map ``item``).
+
+A person in the loop: each attempt shows its ``exchanges`` (every question
+asked and its answer, as :class:`models.run_state.Exchange` in JSON) and its
+agent's A2A ``task_id``; each step its open ``questions``, those its waiting
+executions wait to have answered; the run how many executions wait
+(``waiting``) and every open question of every step (``questions``), so a
+person sees at once what to answer. An open question reads::
+
+    {"step_id", "iteration", "item", "attempt", "turn", "kind", "text", "data", "asked_at", "deadline"}
+
+``turn`` is the question's place among its attempt's exchanges (what an
+answer names), ``kind`` is ``approval`` (answered by approve or reject) or
+``question`` (an agent's), and ``deadline`` is when the wait for an answer
+ends.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from models.plan import APPROVAL_AGENT
 from models.run import Execution, RunState
 from switchyard.db import RunRecord, StepRecord
 
@@ -32,6 +47,9 @@ def state_view(state: RunState) -> dict[str, Any]:
         step = data["steps"][step_id]
         executions = by_step.get(step_id, [])
         latest = executions[-1][1] if executions else None
+        attempts = [
+            _attempt(a, execution.iteration, execution.item) for execution, e in executions for a in e["attempts"]
+        ]
         steps.append(
             {
                 "step_id": step_id,
@@ -45,15 +63,13 @@ def state_view(state: RunState) -> dict[str, Any]:
                 "started_at": step["started_at"],
                 "completed_at": step["completed_at"],
                 "next_attempt_at": latest["next_attempt_at"] if latest is not None else None,
-                "attempts": [
-                    _attempt(a, execution.iteration, execution.item)
-                    for execution, e in executions
-                    for a in e["attempts"]
-                ],
+                "attempts": attempts,
+                "questions": _open_questions(step_id, attempts),
             }
         )
     return {
         **_run_fields(data, state.plan.workflow_id, state.plan.version, state.version),
+        **_waiting_fields(state.waiting, steps),
         "steps": steps,
         "source": "live",
     }
@@ -64,9 +80,11 @@ def record_view(record: RunRecord) -> dict[str, Any]:
     if record.state is not None:
         return {**state_view(RunState.model_validate(record.state)), "source": "record"}
     data = record.model_dump(mode="json")
+    steps = _steps_of_rows(record.steps)
     return {
         **_run_fields(data, record.workflow_id, record.workflow_version, record.version),
-        "steps": _steps_of_rows(record.steps),
+        **_waiting_fields(record.waiting, steps),
+        "steps": steps,
         "source": "record",
     }
 
@@ -102,7 +120,44 @@ def _attempt(a: dict[str, Any], iteration: int, item: int | None) -> dict[str, A
         "started_at": a["dispatch_at"],
         "deadline": a["deadline"],
         "completed_at": a["finished_at"],
+        "task_id": a["task_id"],
+        "exchanges": a["exchanges"],
     }
+
+
+def _waiting_fields(waiting: int, steps: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The run's count of executions waiting for a person, and the open questions of its steps, in step order."""
+    return {"waiting": waiting, "questions": [q for step in steps for q in step["questions"]]}
+
+
+def _open_questions(step_id: str, attempts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The open questions of a step: one per attempt (of its views) that waits for an answer.
+
+    An attempt waits for one when it is WAITING and its latest exchange has no
+    answer (:attr:`models.run_state.Attempt.question`); only an execution's
+    latest attempt can.
+    """
+    questions = []
+    for a in attempts:
+        exchanges = a["exchanges"]
+        if a["status"] != "WAITING" or not exchanges or exchanges[-1]["answer"] is not None:
+            continue
+        open_exchange = exchanges[-1]
+        questions.append(
+            {
+                "step_id": step_id,
+                "iteration": a["iteration"],
+                "item": a["item"],
+                "attempt": a["attempt"],
+                "turn": sum(1 for e in exchanges if e["answer"] is not None),
+                "kind": "approval" if a["agent_name"] == APPROVAL_AGENT else "question",
+                "text": open_exchange["question"]["text"],
+                "data": open_exchange["question"]["data"],
+                "asked_at": open_exchange["asked_at"],
+                "deadline": a["deadline"],
+            }
+        )
+    return questions
 
 
 def _steps_of_rows(rows: Sequence[StepRecord]) -> list[dict[str, Any]]:
@@ -115,6 +170,25 @@ def _steps_of_rows(rows: Sequence[StepRecord]) -> list[dict[str, Any]]:
 def _step_of_rows(step_id: str, attempts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     rows = list(attempts)
     last = rows[-1]
+    attempt_views = [
+        {
+            "attempt": a["attempt"],
+            "iteration": a["iteration"],
+            "item": a["item"],
+            "correlation_id": a["correlation_id"],
+            "agent_name": a["agent_name"],
+            "status": a["status"],
+            "input": a["input_data"],
+            "output": a["output_data"],
+            "error": a["error"],
+            "started_at": a["started_at"],
+            "deadline": a["deadline"],
+            "completed_at": a["completed_at"],
+            "task_id": a["task_id"],
+            "exchanges": a["exchanges"] or [],
+        }
+        for a in rows
+    ]
     return {
         "step_id": step_id,
         "agent_name": last["agent_name"],
@@ -127,21 +201,6 @@ def _step_of_rows(step_id: str, attempts: Iterable[dict[str, Any]]) -> dict[str,
         "started_at": rows[0]["started_at"],
         "completed_at": last["completed_at"],
         "next_attempt_at": None,
-        "attempts": [
-            {
-                "attempt": a["attempt"],
-                "iteration": a["iteration"],
-                "item": a["item"],
-                "correlation_id": a["correlation_id"],
-                "agent_name": a["agent_name"],
-                "status": a["status"],
-                "input": a["input_data"],
-                "output": a["output_data"],
-                "error": a["error"],
-                "started_at": a["started_at"],
-                "deadline": a["deadline"],
-                "completed_at": a["completed_at"],
-            }
-            for a in rows
-        ],
+        "attempts": attempt_views,
+        "questions": _open_questions(step_id, attempt_views),
     }

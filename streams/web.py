@@ -3,11 +3,16 @@
 * ``POST /runs/`` ``{plan, input, run_id?}``: validate and submit, 202 ``{run_id, status_url}``.
   A run_id already used by the same plan and input is the same request again
   (202 pointing to that run, nothing sent); by another plan or input, 409.
-* ``GET /runs/?status=&workflow_id=&limit=&offset=``: recent runs (from PostgreSQL).
+* ``GET /runs/?status=&workflow_id=&limit=&offset=``: recent runs (from PostgreSQL);
+  ``status=WAITING``: the running runs that wait for a person.
 * ``GET /runs/{run_id}/``: one run with every step and attempt; answered by
   the worker that owns the run (``table_route``), from its live state, or from
   PostgreSQL when the run is not in the table.
 * ``POST /runs/{run_id}/cancel|retry|resume``: a control command, 202.
+* ``POST /runs/{run_id}/steps/{step_id}/input`` ``{text?, data?, decision?, item?, iteration?}``:
+  a person's answer to the question the step waits on (``decision``:
+  ``approve`` or ``reject`` for an approval step), 202; checked first
+  (:mod:`streams.answers`) on the worker that owns the run.
 * ``GET /agents/``, ``GET/PUT/DELETE /agents/{name}``: the built-in registry.
 * ``GET /health/``: answers once the worker has recovered its tables, with counters.
 
@@ -19,7 +24,7 @@ Views here only read the checked body (:func:`~switchyard.http_guard.json_body`)
 Each endpoint is a function of the app and the request's parts (its path
 parameters, query or body) that returns an :data:`Answer`, a status and a JSON
 body: :func:`submit_run`, :func:`list_runs`, :func:`show_run`,
-:func:`run_command`, :func:`list_agents`, :func:`show_agent`,
+:func:`run_command`, :func:`give_input`, :func:`list_agents`, :func:`show_agent`,
 :func:`put_agent`, :func:`delete_agent`, :func:`health`. The views only pass
 those parts on; :func:`register` adds them to the app as :data:`PAGES`. A run
 is shown as :mod:`streams.views` builds it, as ``status --json`` shows it too.
@@ -28,6 +33,7 @@ is shown as :mod:`streams.views` builds it, as ``status --json`` shows it too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -42,6 +48,7 @@ from models.agents import AgentEntry
 from models.messages import RUN_ID_PATTERN, ControlCommand, ControlMessage, WorkflowSubmission, encode, new_run_id
 from models.plan import PlanValidationError, load_plan
 from models.run import RunState, RunStatus, retry_refusal
+from streams.answers import ANSWER_FIELDS, AnswerRefused, answer_from, answer_record
 from streams.submissions import Refusal, SubmissionRefused, encode_submission, is_repeat
 from streams.views import record_view, state_view
 from switchyard import http_guard, topics
@@ -59,11 +66,14 @@ __all__ = [
     "AgentsView",
     "Answer",
     "ExecutorView",
+    "FORWARDED_HEADER",
     "HealthView",
+    "StepInputView",
     "RunActionView",
     "RunView",
     "RunsView",
     "delete_agent",
+    "give_input",
     "health",
     "list_agents",
     "list_query",
@@ -112,6 +122,9 @@ def recorded_status(repo: WorkflowRepository, run_id: str) -> tuple[str | None, 
 
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 
+WAITING = "WAITING"
+"""``GET /runs/?status=WAITING``: the runs that wait for a person (RUNNING, with a question open)."""
+
 MAX_OFFSET = 1_000_000_000
 """Largest ``offset`` of ``GET /runs/`` (PostgreSQL's OFFSET is a bigint: a bigger one would be a 500)."""
 
@@ -150,11 +163,15 @@ def list_query(query: Mapping[str, str]) -> dict[str, Any]:
         http_guard.Problem: 400, an unknown status or a bad number.
     """
     statuses: list[RunStatus] | None = None
+    waiting = False
     if query.get("status"):
+        wanted = [s.strip().upper() for s in query["status"].split(",")]
+        # WAITING is not a status of its own: the RUNNING runs that wait for a person.
+        waiting = WAITING in wanted
         try:
-            statuses = [RunStatus(s.strip().upper()) for s in query["status"].split(",")]
+            statuses = [RunStatus(s) for s in wanted if s != WAITING] or None
         except ValueError:
-            allowed = ", ".join(s.value for s in RunStatus)
+            allowed = ", ".join([*(s.value for s in RunStatus), WAITING])
             raise http_guard.Problem(
                 400, f"unknown status {query['status']!r}; use one of {allowed}", parameter="status"
             ) from None
@@ -165,7 +182,13 @@ def list_query(query: Mapping[str, str]) -> dict[str, Any]:
         raise http_guard.Problem(400, "limit and offset must be integers") from None
     if not 0 <= offset <= MAX_OFFSET:
         raise http_guard.Problem(400, f"offset must be between 0 and {MAX_OFFSET}", parameter="offset")
-    return {"status": statuses, "workflow_id": query.get("workflow_id") or None, "limit": limit, "offset": offset}
+    return {
+        "status": statuses,
+        "waiting": waiting,
+        "workflow_id": query.get("workflow_id") or None,
+        "limit": limit,
+        "offset": offset,
+    }
 
 
 async def submit_run(app: ExecutorApp, body: Any) -> Answer:
@@ -262,6 +285,51 @@ async def run_command(app: ExecutorApp, run_id: str, action: str) -> Answer:
     message = ControlMessage(run_id=run_id, command=command, reason=f"{command} requested over HTTP")
     await app.control_topic.send(key=run_id.encode(), value=encode(message))
     return 202, {"run_id": run_id, "requested": str(command)}
+
+
+_INPUT_FIELDS = frozenset({*ANSWER_FIELDS, "item", "iteration"})
+
+
+async def give_input(app: ExecutorApp, run_id: str, step_id: str, body: Any) -> Answer:
+    """``POST /runs/{run_id}/steps/{step_id}/input``: send a person's answer when the step waits for one.
+
+    The run is read live when this worker has it (the view forwards the
+    request to the worker that owns the run), else from PostgreSQL. The
+    checks and their statuses are :mod:`streams.answers`'s: 404 no such run
+    or step, 409 not waiting (or waiting on several map items, none named),
+    400 a wrong answer, 413 too large.
+    """
+    if not valid_run_id(run_id):
+        return _error(404, f"no run {run_id!r}")
+    if not isinstance(body, dict):
+        return _error(400, 'expected a JSON object {"text": ..., "data": ..., "decision": "approve"|"reject"}')
+    unknown = sorted(set(body) - _INPUT_FIELDS)
+    if unknown:
+        return _error(400, f"unknown field(s): {', '.join(unknown)}; use {', '.join(sorted(_INPUT_FIELDS))}")
+    where: dict[str, int | None] = {}
+    for name, least in (("item", 0), ("iteration", 1)):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            return _error(400, f"{name} must be a whole number, at least {least}", path=f"$.{name}")
+        where[name] = value
+    try:
+        answer = answer_from(body, "http")
+        state = app.shell.load(run_id)
+        if state is None:
+            state = await asyncio.to_thread(_repo(app).get_state, run_id)
+        message, value = answer_record(state, run_id, step_id, answer, limit=app.settings.max_message_bytes, **where)
+    except AnswerRefused as refused:
+        return _error(refused.status, str(refused), **refused.details)
+    await app.control_topic.send(key=run_id.encode(), value=value)
+    return 202, {
+        "run_id": run_id,
+        "step_id": step_id,
+        "iteration": message.iteration,
+        "item": message.item,
+        "turn": message.turn,
+        "answer_id": answer.answer_id,
+        "status_url": f"/runs/{run_id}/",
+    }
 
 
 async def put_agent(app: ExecutorApp, name: str, body: Any) -> Answer:
@@ -427,6 +495,52 @@ class RunActionView(ExecutorView):
         return self.answer(await run_command(self.app, run_id, action))
 
 
+FORWARDED_HEADER = "X-Switchyard-Forwarded"
+"""Marks a request one worker forwarded to the run's owner, which answers it itself."""
+
+
+class StepInputView(ExecutorView):
+    """``/runs/{run_id}/steps/{step_id}/input``: answered by the worker that owns the run.
+
+    Faust's ``table_route`` forwards neither a request's body nor its
+    answer's headers, so this view forwards the answer itself: to the
+    owner's web server, once (the owner does not forward again).
+    """
+
+    async def post(self, request: web.Request, run_id: str, step_id: str) -> web.Response:
+        """See :func:`give_input`."""
+        body = await self.body(request)
+        if valid_run_id(run_id) and body is not http_guard.NO_BODY and FORWARDED_HEADER not in request.headers:
+            owner = _owner(self.app, run_id)
+            if owner is not None:
+                try:
+                    status, text, content_type = await _forward(self.app, request, owner, body)
+                    return self.text(text, content_type=content_type, status=status)
+                except aiohttp.ClientError:
+                    return self.answer(_error(503, f"the worker that owns run {run_id!r} did not answer; try again"))
+        return self.answer(await give_input(self.app, run_id, step_id, body))
+
+
+def _owner(app: ExecutorApp, run_id: str) -> Any:
+    """The web address of the worker that owns the run, when it is another worker (None: this one, or unknown)."""
+    try:
+        owner = app.router.key_store(app.runs.name, run_id)
+    except KeyError:
+        return None
+    mine = app.conf.canonical_url
+    return None if (owner.host, owner.port) == (mine.host, mine.port) else owner
+
+
+async def _forward(app: ExecutorApp, request: web.Request, owner: Any, body: Any) -> tuple[int, str, str]:
+    """Send the request on to the run's owner; its status, body and content type."""
+    headers = {"Content-Type": "application/json", FORWARDED_HEADER: "1"}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    url = request.url.with_host(owner.host).with_port(int(owner.port))
+    async with app.http_client.post(url, data=json.dumps(body), headers=headers) as response:
+        return response.status, await response.text(), response.content_type
+
+
 class AgentsView(ExecutorView):
     """``/agents/``."""
 
@@ -456,6 +570,7 @@ PAGES: tuple[tuple[str, type[ExecutorView]], ...] = (
     ("/runs/", RunsView),
     ("/runs/{run_id}/", RunView),
     ("/runs/{run_id}/{action}", RunActionView),
+    ("/runs/{run_id}/steps/{step_id}/input", StepInputView),
     ("/agents/", AgentsView),
     ("/agents/{name}", AgentView),
 )

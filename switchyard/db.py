@@ -20,7 +20,7 @@ from typing import Any, Final, cast
 from alembic import command
 from alembic.config import Config
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
-from sqlalchemy import Engine, Executable, Table, bindparam, create_engine, inspect, select, text
+from sqlalchemy import Engine, Executable, Table, bindparam, create_engine, inspect, literal_column, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -130,6 +130,10 @@ class StepRecord(BaseModel):
     started_at: datetime | None = None
     deadline: datetime | None = None
     completed_at: datetime | None = None
+    exchanges: JsonValue = Field(
+        None, description="Its questions and answers (Attempt.exchanges as JSON); None when it asked none."
+    )
+    task_id: str | None = Field(None, description="The agent's A2A task, once it asked a question.")
 
 
 class RunRecord(BaseModel):
@@ -147,6 +151,7 @@ class RunRecord(BaseModel):
     plan: JsonValue = None
     state: JsonValue = Field(None, exclude=True, repr=False)
     version: int
+    waiting: int = Field(0, description="How many executions wait for a person (RunState.waiting).")
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -225,14 +230,27 @@ class WorkflowRepository(_Repository):
         *,
         status: RunStatus | Sequence[RunStatus] | None = None,
         workflow_id: str | None = None,
+        waiting: bool = False,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:
-        """Recent runs first, optionally filtered by status and workflow."""
+        """Recent runs first, optionally filtered by status and workflow.
+
+        Args:
+            status: Only runs in this status (or one of these).
+            workflow_id: Only runs of this workflow.
+            waiting: Only the RUNNING runs that wait for a person (``waiting > 0``), with the other filters too.
+            limit: At most this many (capped at 1,000).
+            offset: Skip this many first.
+        """
         query = select(WorkflowRun).order_by(WorkflowRun.created_at.desc(), WorkflowRun.run_id)
         if status is not None:
             statuses = [status] if isinstance(status, RunStatus) else list(status)
             query = query.where(WorkflowRun.status.in_([str(s) for s in statuses]))
+        if waiting:
+            # "waiting > 0" written out (not a parameter): the predicate of ix_workflow_runs_waiting_created_at.
+            waits = WorkflowRun.waiting > literal_column("0")
+            query = query.where(WorkflowRun.status == str(RunStatus.RUNNING), waits)
         if workflow_id is not None:
             query = query.where(WorkflowRun.workflow_id == workflow_id)
         query = query.limit(max(0, min(limit, 1000))).offset(max(0, offset))
@@ -368,7 +386,9 @@ def snapshot_rows(
     in order: :func:`state_of`); each execution has its own row. With
     ``changed`` (a later snapshot of a recorded run), only the executions
     that changed are written: the cost of a checkpoint follows the change,
-    not the run's length.
+    not the run's length. The run row counts the executions that wait for a
+    person (``waiting``); an attempt row holds its questions and answers
+    (``exchanges``, None when it asked none) and its agent's A2A task.
 
     Returns:
         The run row, the execution rows and the attempt rows.
@@ -386,6 +406,7 @@ def snapshot_rows(
         # The plan and the input are in their own columns (state_of puts them back).
         "state": {**dump, **_execution_keys(state)},
         "version": state.version,
+        "waiting": state.waiting,
         "created_at": state.created_at,
         "started_at": state.started_at,
         "completed_at": state.completed_at,
@@ -406,7 +427,7 @@ def snapshot_rows(
             }
         )
         for attempt in execution.attempts:
-            attempt_dump = attempt.model_dump(mode="json", include={"input", "output", "error"})
+            attempt_dump = attempt.model_dump(mode="json", include={"input", "output", "error", "exchanges"})
             step_rows.append(
                 {
                     "run_id": state.run_id,
@@ -424,6 +445,8 @@ def snapshot_rows(
                     "started_at": attempt.dispatch_at,
                     "deadline": attempt.deadline,
                     "completed_at": attempt.finished_at,
+                    "exchanges": attempt_dump["exchanges"] or None,
+                    "task_id": attempt.task_id,
                 }
             )
     return run_row, execution_rows, step_rows

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.plan import DEFAULT_INPUT_TIMEOUT_S, MAX_INPUT_TIMEOUT_S
+
 __all__ = ["Settings"]
 
 
@@ -83,6 +85,12 @@ class Settings(BaseSettings):
 
     # --- steps and agent calls
     default_step_timeout_s: float = Field(300.0, gt=0, le=86_400, description="Deadline of an attempt, by default.")
+    default_input_timeout_s: float = Field(
+        DEFAULT_INPUT_TIMEOUT_S,
+        gt=0,
+        le=MAX_INPUT_TIMEOUT_S,
+        description="How long a question or an approval waits for a person, by default (7 days).",
+    )
     resume_grace_s: float = Field(
         10.0, ge=0, le=3600, description="After a restart, the least time before a deadline that passed fires."
     )

@@ -6,7 +6,7 @@ Flags (each with an environment default ``EXAMPLE_AGENT_<FLAG>``, e.g.
 
 ``--host`` (127.0.0.1), ``--port`` (the agent's usual port; 0 picks a free
 one), ``--protocol 1.0|0.3|both``, ``--public-url``, ``--slow S``,
-``--working``, ``--input-required``, ``--pad-output N``, ``--fail-times N``, ``--fail-scope
+``--working``, ``--input-required``, ``--ask N``, ``--pad-output N``, ``--fail-times N``, ``--fail-scope
 message|global``, ``--fail-status CODE``, ``--retry-after VALUE``,
 ``--always-5xx``, ``--malformed``, ``--auth-token-env VAR`` (the token is read
 from that variable, never from the command line), ``--auth-header NAME``,
@@ -54,6 +54,7 @@ def _parser(spec: AgentSpec) -> argparse.ArgumentParser:
     add("--slow", type=float, default=float(_env("SLOW") or 0), help="seconds the work takes")
     add("--working", action="store_true", default=_env_flag("WORKING"), help="answer at once, complete later")
     add("--input-required", action="store_true", default=_env_flag("INPUT_REQUIRED"))
+    add("--ask", type=int, default=int(_env("ASK") or 0), help="ask N questions, then complete with the answers")
     add("--pad-output", type=int, default=int(_env("PAD_OUTPUT") or 0), help="add N bytes of padding to outputs")
     add("--fail-times", type=int, default=int(_env("FAIL_TIMES") or 0), help="fail the first N SendMessage requests")
     add("--fail-scope", choices=["message", "global"], default=_env("FAIL_SCOPE", "message"))
@@ -76,6 +77,8 @@ def parse_args(spec: AgentSpec, argv: Sequence[str] | None = None) -> AgentConfi
         token = os.environ.get(args.auth_token_env)
         if not token:
             parser.error(f"--auth-token-env: the variable {args.auth_token_env} is not set")
+    if args.ask < 0:
+        parser.error("--ask: the number of questions cannot be negative")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return AgentConfig(
         host=args.host,
@@ -85,6 +88,7 @@ def parse_args(spec: AgentSpec, argv: Sequence[str] | None = None) -> AgentConfi
         slow_s=args.slow,
         working=args.working,
         input_required=args.input_required,
+        ask=args.ask,
         pad_output_bytes=args.pad_output,
         fail_times=args.fail_times,
         fail_scope=args.fail_scope,

@@ -37,7 +37,9 @@ class AgentConfig:
         public_url: The endpoint announced on the card (default ``http://host:port/``).
         slow_s: Seconds the work takes.
         working: Answer SendMessage at once; the task completes ``slow_s`` later.
-        input_required: Stop every task in INPUT_REQUIRED.
+        input_required: Stop every task in INPUT_REQUIRED, at every turn (it never completes).
+        ask: Ask N questions (INPUT_REQUIRED), one per turn of the task, then complete with the answers
+            (see :mod:`examples.agents.executor`).
         pad_output_bytes: Add a ``padding`` string of this many bytes to every output (answers too large).
         fail_times: Fail the first N SendMessage requests (per message id, or all of them).
         fail_scope: ``message`` (per message id) or ``global``.
@@ -56,6 +58,7 @@ class AgentConfig:
     slow_s: float = 0.0
     working: bool = False
     input_required: bool = False
+    ask: int = 0
     pad_output_bytes: int = 0
     fail_times: int = 0
     fail_scope: Literal["message", "global"] = "message"

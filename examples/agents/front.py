@@ -3,11 +3,18 @@
 Everything an agent is asked goes through :meth:`Front.rpc` (``POST /``):
 
 * Counting: ``GET /stats`` (:meth:`Front.stats_view`) answers ``{"calls": N,
-  "by_message_id": {...}, "by_idempotency_key": {...}, "methods": {...},
-  "injected_failures": N, "auth_rejected": N, "in_flight": N,
+  "by_message_id": {...}, "by_idempotency_key": {...}, "continuations":
+  {...}, "continued_tasks": {...}, "cancelled_task_ids": [...], "methods":
+  {...}, "injected_failures": N, "auth_rejected": N, "in_flight": N,
   "peak_in_flight": N}``. ``calls`` counts every SendMessage request that
   arrived (``message/send`` in 0.3), failed ones included, so it can be
-  compared with the attempts a caller recorded. ``in_flight`` is the number
+  compared with the attempts a caller recorded. Of those, the ones whose
+  message carries a ``taskId`` (a person's answer continuing a task that
+  asked, see ``ask`` in :mod:`examples.agents.executor`) are also counted in
+  ``continuations`` by message id and in ``continued_tasks`` by task id.
+  ``cancelled_task_ids`` lists the ``id`` of every CancelTask request
+  (``tasks/cancel`` in 0.3) in the order they came (``""`` when missing);
+  ``methods`` counts the requests of each method. ``in_flight`` is the number
   of SendMessage requests being answered now, ``peak_in_flight`` the most at
   once since the start or since ``POST /stats/reset-peak`` (which answers the
   stats as they were, then starts a new peak from the calls in flight).
@@ -48,15 +55,33 @@ from examples.agents.config import AgentConfig
 __all__ = ["Front", "Stats"]
 
 _SEND_METHODS: Final = frozenset({"SendMessage", "message/send"})
+_CANCEL_METHODS: Final = frozenset({"CancelTask", "tasks/cancel"})
 
 
 @dataclass
 class Stats:
-    """What the agent has received."""
+    """What the agent has received (see the module docstring).
+
+    Attributes:
+        calls: SendMessage requests, failed ones included.
+        by_message_id: SendMessage requests per message id (``""`` when missing).
+        by_idempotency_key: SendMessage requests per ``metadata.idempotency_key``, for those that have one.
+        continuations: SendMessage requests whose message has a ``taskId``, per message id.
+        continued_tasks: SendMessage requests whose message has a ``taskId``, per task id.
+        cancelled_task_ids: The task id of each CancelTask request, in order (``""`` when missing).
+        methods: JSON-RPC requests per method (``"?"`` when unreadable).
+        injected_failures: Requests failed by ``fail_times``.
+        auth_rejected: Requests refused for a missing or wrong token.
+        in_flight: SendMessage requests being answered now.
+        peak_in_flight: The most SendMessage requests answered at once in the current peak window.
+    """
 
     calls: int = 0
     by_message_id: Counter[str] = field(default_factory=Counter)
     by_idempotency_key: Counter[str] = field(default_factory=Counter)
+    continuations: Counter[str] = field(default_factory=Counter)
+    continued_tasks: Counter[str] = field(default_factory=Counter)
+    cancelled_task_ids: list[str] = field(default_factory=list)
     methods: Counter[str] = field(default_factory=Counter)
     injected_failures: int = 0
     auth_rejected: int = 0
@@ -82,6 +107,9 @@ class Stats:
             "calls": self.calls,
             "by_message_id": dict(self.by_message_id),
             "by_idempotency_key": dict(self.by_idempotency_key),
+            "continuations": dict(self.continuations),
+            "continued_tasks": dict(self.continued_tasks),
+            "cancelled_task_ids": list(self.cancelled_task_ids),
             "methods": dict(self.methods),
             "injected_failures": self.injected_failures,
             "auth_rejected": self.auth_rejected,
@@ -99,6 +127,8 @@ class _Request:
     message_id: str | None
     idempotency_key: str | None
     doc: dict[str, Any] | None
+    task_id: str | None = None
+    params_id: str | None = None
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -116,12 +146,15 @@ def _read_request(body: bytes) -> _Request:
     message = _dict(params.get("message"))
     metadata = _dict(params.get("metadata"))
     method, message_id, key = doc.get("method"), message.get("messageId"), metadata.get("idempotency_key")
+    task_id, params_id = message.get("taskId"), params.get("id")
     return _Request(
         method=method if isinstance(method, str) else None,
         request_id=doc.get("id"),
         message_id=message_id if isinstance(message_id, str) else None,
         idempotency_key=key if isinstance(key, str) else None,
         doc=doc,
+        task_id=task_id if isinstance(task_id, str) and task_id else None,
+        params_id=params_id if isinstance(params_id, str) else None,
     )
 
 
@@ -168,6 +201,11 @@ class Front:
             self.stats.by_message_id[request.message_id or ""] += 1
             if request.idempotency_key is not None:
                 self.stats.by_idempotency_key[request.idempotency_key] += 1
+            if request.task_id is not None:
+                self.stats.continuations[request.message_id or ""] += 1
+                self.stats.continued_tasks[request.task_id] += 1
+        elif request.method in _CANCEL_METHODS:
+            self.stats.cancelled_task_ids.append(request.params_id or "")
 
     def _should_fail(self, request: _Request) -> bool:
         if self.config.fail_times <= 0 or request.method not in _SEND_METHODS:

@@ -103,7 +103,12 @@ async def start_agent(spec: AgentSpec, config: AgentConfig) -> RunningAgent:
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = config.public_url or f"http://{host}:{port}/"
     card = build_card(spec, config, url)
-    behaviour = Behaviour(work_s=config.slow_s, input_required=config.input_required, pad_bytes=config.pad_output_bytes)
+    behaviour = Behaviour(
+        work_s=config.slow_s,
+        input_required=config.input_required,
+        pad_bytes=config.pad_output_bytes,
+        ask=config.ask,
+    )
     handler = DefaultRequestHandler(
         agent_executor=SkillExecutor(spec.skill, behaviour), task_store=InMemoryTaskStore(), agent_card=card
     )

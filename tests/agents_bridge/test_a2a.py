@@ -29,12 +29,14 @@ from agents_bridge.a2a import (
     request_headers,
     send_message_request,
 )
-from models.messages import AgentTask
+from models.messages import MAX_TEXT_CHARS, AgentTask, Reply
 
 _DEFAULT: Any = object()
 
 
-def make_task(value: Any = _DEFAULT, correlation: str = "run-1/step-a/1") -> AgentTask:
+def make_task(
+    value: Any = _DEFAULT, correlation: str = "run-1/step-a/1", *, turn: int = 0, reply: Reply | None = None
+) -> AgentTask:
     run_id, step_id, attempt = correlation.split("/")
     return AgentTask(
         correlation_id=correlation,
@@ -44,7 +46,16 @@ def make_task(value: Any = _DEFAULT, correlation: str = "run-1/step-a/1") -> Age
         agent_name="researcher",
         input={"topic": "kafka"} if value is _DEFAULT else value,
         deadline=datetime.now(UTC) + timedelta(seconds=30),
+        turn=turn,
+        reply=reply,
     )
+
+
+def answering(
+    turn: int = 1, *, text: str | None = "the 2020s", data: Any = None, context: str | None = "c-1"
+) -> AgentTask:
+    """The task that carries a person's answer to the agent's task ``t-1``."""
+    return make_task(turn=turn, reply=Reply(task_id="t-1", context_id=context, text=text, data=data))
 
 
 def rpc(result: Any, request_id: Any = 1) -> bytes:
@@ -79,7 +90,13 @@ def test_send_message_1_0_shape_is_what_the_sdk_parses() -> None:
     assert body["method"] == "SendMessage"
     params = body["params"]
     assert isinstance(params, dict)
-    expected_meta = {"idempotency_key": "run-1/step-a/1", "run_id": "run-1", "step_id": "step-a", "attempt": 1}
+    expected_meta = {
+        "idempotency_key": "run-1/step-a/1",
+        "run_id": "run-1",
+        "step_id": "step-a",
+        "attempt": 1,
+        "turn": 0,
+    }
     assert params["metadata"] == expected_meta
     assert params["configuration"] == {"historyLength": 0}
     parsed = ParseDict(params, a2a_pb2.SendMessageRequest())  # the SDK server's own parse, strict about unknown fields
@@ -90,6 +107,7 @@ def test_send_message_1_0_shape_is_what_the_sdk_parses() -> None:
     assert dict(parsed.metadata)["idempotency_key"] == "run-1/step-a/1"
     assert dict(parsed.message.metadata)["attempt"] == 1
     assert parsed.configuration.HasField("history_length")
+    assert (parsed.message.task_id, parsed.message.context_id) == ("", ""), "a first message starts a task"
 
 
 def test_a_string_text_field_also_goes_as_a_text_part() -> None:
@@ -136,6 +154,88 @@ def test_1_0_sends_any_json_value_as_data() -> None:
     assert get_data_parts(parsed.message.parts) == [[1.0, "a"]]
 
 
+def test_an_answer_continues_the_task_1_0() -> None:
+    body = send_message_request(answering(data={"from": 2020}), "1.0", request_id="r-2")
+    params = body["params"]
+    assert isinstance(params, dict)
+    parsed = ParseDict(params, a2a_pb2.SendMessageRequest())  # strict about unknown fields: camelCase taskId/contextId
+    assert (parsed.message.task_id, parsed.message.context_id) == ("t-1", "c-1")
+    assert parsed.message.role == a2a_pb2.Role.ROLE_USER
+    assert get_text_parts(parsed.message.parts) == ["the 2020s"]
+    assert get_data_parts(parsed.message.parts) == [{"from": 2020.0}]
+    assert parsed.message.parts[0].HasField("text"), "the text first, then the data"
+    assert parsed.message.message_id == message_id_for("run-1/step-a/1#1")
+    assert dict(parsed.metadata) == {
+        "idempotency_key": "run-1/step-a/1#1",
+        "run_id": "run-1",
+        "step_id": "step-a",
+        "attempt": 1.0,
+        "turn": 1.0,
+    }
+    assert dict(parsed.message.metadata)["turn"] == 1
+    assert params["configuration"] == {"historyLength": 0}
+
+
+def test_an_answer_continues_the_task_0_3() -> None:
+    body = send_message_request(answering(2, data=[1, 2]), "0.3", request_id=4)
+    assert body["method"] == "message/send"
+    request = types_v03.SendMessageRequest.model_validate(body)
+    message = request.params.message
+    assert (message.task_id, message.context_id) == ("t-1", "c-1")
+    assert message.message_id == message_id_for("run-1/step-a/1#2")
+    assert request.params.metadata is not None
+    assert request.params.metadata["turn"] == 2
+    core = conversions.to_core_send_message_request(request)
+    assert (core.message.task_id, core.message.context_id) == ("t-1", "c-1")
+    assert get_text_parts(core.message.parts) == ["the 2020s"]
+    assert get_data_parts(core.message.parts) == [[1.0, 2.0]]  # wrapped in 0.3, unwrapped by the SDK
+
+
+def sent_message(task: AgentTask, version: Any = "1.0") -> Any:
+    """The message of a SendMessage body, as plain JSON."""
+    body: Any = send_message_request(task, version, request_id=1)
+    return body["params"]["message"]
+
+
+def test_the_message_id_of_each_turn_is_its_own_and_stable() -> None:
+    first = sent_message(make_task())["messageId"]
+    ids = [sent_message(answering(turn))["messageId"] for turn in (1, 2)]
+    assert first == message_id_for("run-1/step-a/1"), "turn 0 keeps the id it always had"
+    assert len({first, *ids}) == 3
+    assert sent_message(answering(1, text="another text"))["messageId"] == ids[0], "the same turn again: the same id"
+    assert sent_message(answering(1), "0.3")["messageId"] == ids[0], "whatever the protocol"
+
+
+@pytest.mark.parametrize(
+    ("text", "data", "parts_1_0"),
+    [
+        ("yes", None, [{"text": "yes"}]),
+        (None, {"x": 1}, [{"data": {"x": 1}}]),
+        ("", {"x": 1}, [{"data": {"x": 1}}]),
+        ("", None, [{"data": {}}]),
+        (None, None, [{"data": {}}]),
+        ("why", "plain", [{"text": "why"}, {"data": "plain"}]),
+    ],
+)
+def test_the_parts_of_an_answer(text: str | None, data: Any, parts_1_0: list[Any]) -> None:
+    params: Any = send_message_request(answering(text=text, data=data), "1.0", request_id=1)["params"]
+    assert params["message"]["parts"] == parts_1_0
+    ParseDict(params, a2a_pb2.SendMessageRequest())
+    params_03: Any = send_message_request(answering(text=text, data=data), "0.3", request_id=1)["params"]
+    request = types_v03.SendMessageRequest.model_validate(
+        {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": params_03}
+    )
+    core = conversions.to_core_send_message_request(request)
+    assert len(core.message.parts) == len(parts_1_0)
+    assert get_text_parts(core.message.parts) == [p["text"] for p in parts_1_0 if "text" in p]
+
+
+def test_an_answer_without_a_context_leaves_it_to_the_agent() -> None:
+    message = sent_message(answering(context=None))
+    assert message["taskId"] == "t-1"
+    assert "contextId" not in message
+
+
 def test_get_and_cancel_requests() -> None:
     get_1 = get_task_request("t-9", "1.0", request_id=2)
     assert get_1 == {"jsonrpc": "2.0", "id": 2, "method": "GetTask", "params": {"id": "t-9", "historyLength": 0}}
@@ -147,6 +247,19 @@ def test_get_and_cancel_requests() -> None:
     assert types_v03.GetTaskRequest.model_validate(get_03).params.id == "t-9"
     cancel_03 = cancel_task_request("t-9", "0.3", request_id="y")
     assert types_v03.CancelTaskRequest.model_validate(cancel_03).params.id == "t-9"
+
+
+def test_get_task_with_history_asks_for_all_of_it() -> None:
+    # The SDK trims the history only when historyLength is set (a2a.utils.task.apply_history_length).
+    get_1 = get_task_request("t-9", "1.0", request_id=2, history=True)
+    assert get_1["params"] == {"id": "t-9"}
+    assert not ParseDict(get_1["params"], a2a_pb2.GetTaskRequest()).HasField("history_length")
+    # 0.3 reads an absent (or 0) historyLength as "all": the same request either way.
+    get_03 = get_task_request("t-9", "0.3", request_id="x", history=True)
+    assert get_03 == get_task_request("t-9", "0.3", request_id="x")
+    request = types_v03.GetTaskRequest.model_validate(get_03)
+    assert request.params.history_length is None
+    assert not conversions.to_core_get_task_request(request).HasField("history_length")
 
 
 def test_request_headers() -> None:
@@ -229,10 +342,13 @@ def test_completed_task_without_parts_has_an_empty_output() -> None:
     assert parse_response(rpc({"task": task_v1("COMPLETED")}), "1.0") == Completed(output={}, task_id="t-1")
 
 
-def test_history_is_never_merged_into_the_output() -> None:
-    history = [{"messageId": "m", "role": "ROLE_USER", "parts": [{"data": {"topic": "the input"}}]}]
+def test_history_is_never_merged_into_the_output_only_its_ids_are_read() -> None:
+    history = [
+        {"messageId": "m", "role": "ROLE_USER", "parts": [{"data": {"topic": "the input"}}]},
+        {"messageId": "q", "role": "ROLE_AGENT", "parts": [{"text": "which year?"}]},
+    ]
     outcome = parse_response(rpc({"task": task_v1("COMPLETED", history=history)}), "1.0")
-    assert outcome == Completed(output={}, task_id="t-1")
+    assert outcome == Completed(output={}, task_id="t-1", history_ids=("m", "q"))
 
 
 @pytest.mark.parametrize("state", ["FAILED", "REJECTED", "CANCELED"])
@@ -271,10 +387,69 @@ def test_get_task_answers_the_task_itself() -> None:
 )
 def test_interrupted_states(state: str, kind: str, default: str) -> None:
     asked = parse_response(rpc({"task": task_v1(state, message_parts=[{"text": "which year?"}])}), "1.0")
-    assert asked == Interrupted(kind=kind, message="which year?", task_id="t-1")  # type: ignore[arg-type]
+    assert asked == Interrupted(kind=kind, message="which year?", task_id="t-1", context_id="c-1")  # type: ignore[arg-type]
     silent = parse_response(rpc({"task": task_v1(state)}), "1.0")
     assert isinstance(silent, Interrupted)
     assert default in silent.message
+    assert silent.data is None
+
+
+def test_a_question_carries_its_data_its_context_and_the_history_ids() -> None:
+    parts = [
+        {"text": "Which year?"},
+        {"data": {"choices": [2020.0, 2021.0], "k": 1.0}},
+        {"text": "Or a range."},
+        {"data": {"k": 2.0}},
+        {"url": "https://example.org/form.pdf"},
+    ]
+    history = [{"messageId": "m-0", "role": "ROLE_USER", "parts": [{"data": {"topic": "x"}}]}]
+    outcome = parse_response(rpc({"task": task_v1("INPUT_REQUIRED", message_parts=parts, history=history)}), "1.0")
+    assert outcome == Interrupted(
+        kind="input_required",
+        message="Which year?\nOr a range.",
+        task_id="t-1",
+        data={"choices": [2020, 2021], "k": 2},  # merged like an output: later parts win, whole numbers are ints
+        context_id="c-1",
+        history_ids=("m-0",),
+    )
+
+
+def test_a_question_with_data_that_is_not_an_object_counts_it_as_data() -> None:
+    outcome = parse_response(rpc({"task": task_v1("INPUT_REQUIRED", message_parts=[{"data": ["a", "b"]}])}), "1.0")
+    assert isinstance(outcome, Interrupted)
+    assert outcome.data == {"data": ["a", "b"]}
+    assert outcome.message == "the agent needs input"
+
+
+def test_a_question_keeps_up_to_a_questions_length_an_auth_request_an_error_messages() -> None:
+    long = [{"text": "x" * 50_000}]
+    question = parse_response(rpc({"task": task_v1("INPUT_REQUIRED", message_parts=long)}), "1.0")
+    auth = parse_response(rpc({"task": task_v1("AUTH_REQUIRED", message_parts=long)}), "1.0")
+    assert isinstance(question, Interrupted)
+    assert isinstance(auth, Interrupted)
+    assert len(question.message) == MAX_TEXT_CHARS
+    assert len(auth.message) == 2000
+
+
+@pytest.mark.parametrize(
+    ("history", "ids"),
+    [
+        (None, ()),
+        ("not a list", ()),
+        (
+            [{"messageId": "a"}, {"no": "id"}, "junk", {"messageId": 3}, {"messageId": ""}, {"messageId": "b"}],
+            ("a", "b"),
+        ),
+    ],
+)
+def test_history_ids_pass_over_what_is_not_a_message_with_an_id(history: Any, ids: tuple[str, ...]) -> None:
+    extra = {} if history is None else {"history": history}
+    assert parse_response(rpc({"task": task_v1("WORKING", **extra)}), "1.0") == Pending(
+        "t-1", TaskState.WORKING, history_ids=ids
+    )
+    asked = parse_response(rpc({"task": task_v1("INPUT_REQUIRED", **extra)}), "1.0")
+    assert isinstance(asked, Interrupted)
+    assert asked.history_ids == ids
 
 
 def test_direct_message_reply_1_0() -> None:
@@ -307,8 +482,8 @@ def test_0_3_completed_task_with_compat_wrapped_data() -> None:
     [
         ("submitted", Pending("t-3", TaskState.SUBMITTED)),
         ("working", Pending("t-3", TaskState.WORKING)),
-        ("input-required", Interrupted("input_required", "the agent needs input", "t-3")),
-        ("auth-required", Interrupted("auth_required", "the agent needs authentication", "t-3")),
+        ("input-required", Interrupted("input_required", "the agent needs input", "t-3", context_id="c")),
+        ("auth-required", Interrupted("auth_required", "the agent needs authentication", "t-3", context_id="c")),
         ("failed", Failed("agent_failed", "the agent reported the task failed", state=TaskState.FAILED)),
         ("canceled", Failed("agent_failed", "the agent reported the task canceled", state=TaskState.CANCELED)),
         ("rejected", Failed("agent_failed", "the agent reported the task rejected", state=TaskState.REJECTED)),
@@ -330,6 +505,26 @@ def test_0_3_failure_message_text() -> None:
     }
     body = rpc({"kind": "task", "id": "t", "contextId": "c", "status": status})
     assert parse_response(body, "0.3") == Failed("agent_failed", "no such topic", state=TaskState.FAILED)
+
+
+def test_0_3_question_with_compat_wrapped_data_and_history() -> None:
+    status = {
+        "state": "input-required",
+        "message": {
+            "kind": "message",
+            "messageId": "q-1",
+            "role": "agent",
+            "parts": [
+                {"kind": "text", "text": "Which one?"},
+                {"kind": "data", "data": {"value": ["a", "b"]}, "metadata": {"data_part_compat": True}},
+            ],
+        },
+    }
+    history = [{"kind": "message", "messageId": "m-0", "role": "user", "parts": []}]
+    outcome = parse_response(rpc(task_v03("input-required", status=status, history=history)), "0.3")
+    assert outcome == Interrupted(
+        "input_required", "Which one?", "t-3", data={"data": ["a", "b"]}, context_id="c", history_ids=("m-0",)
+    )
 
 
 def test_0_3_direct_message_reply() -> None:

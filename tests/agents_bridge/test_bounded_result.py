@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydantic import JsonValue
 
 from agents_bridge.app import bounded
-from models.messages import AgentError, AgentResult, ErrorKind, ResultStatus, decode, encode
+from models.messages import AgentError, AgentQuestion, AgentResult, ErrorKind, ResultStatus, decode, encode
 from switchyard.limits import record_size
 
 LIMIT = 16_384
@@ -79,6 +79,45 @@ def test_a_result_over_the_limit_becomes_a_final_failure(extra: int) -> None:
     # Its own record fits, and it is a valid result (a FAILURE with its error).
     assert size_of(bounded_result) <= LIMIT
     assert decode(AgentResult, encode(bounded_result)) == bounded_result
+
+
+def question(data: JsonValue, text: str = "which one?") -> AgentResult:
+    return success(None).model_copy(
+        update={
+            "status": ResultStatus.INPUT_REQUIRED,
+            "question": AgentQuestion(text=text, data=data, task_id="t-1", context_id="c-1"),
+            "turn": 3,
+        }
+    )
+
+
+def test_a_question_under_the_limit_is_returned_as_it_is() -> None:
+    result = question({"choices": ["a", "b"]})
+    assert bounded(result, LIMIT) is result
+
+
+def test_a_question_over_the_limit_becomes_a_final_failure_of_the_same_turn() -> None:
+    result = question({"choices": ["x" * 100] * 1000})
+    size = size_of(result)
+    assert size > LIMIT
+    out = bounded(result, LIMIT)
+    assert out.status is ResultStatus.FAILURE
+    assert (out.question, out.output, out.turn) == (None, None, 3)
+    assert out.error is not None
+    assert out.error.kind == ErrorKind.OUTPUT_TOO_LARGE
+    assert not out.error.retriable
+    assert out.error.message.startswith(f"the agent's question makes a result of {size} bytes")
+    assert decode(AgentResult, encode(out)) == out
+
+
+def test_a_question_that_is_not_text_becomes_a_malformed_response() -> None:
+    out = bounded(question({"s": "lone \ud800 surrogate"}), LIMIT)  # from a JSON escape in the agent's answer
+    assert out.status is ResultStatus.FAILURE
+    assert out.question is None
+    assert out.error is not None
+    assert out.error.kind == ErrorKind.MALFORMED_RESPONSE
+    assert out.error.message.startswith("the agent's question cannot be carried")
+    assert decode(AgentResult, encode(out)) == out
 
 
 def test_the_key_counts_towards_the_limit() -> None:

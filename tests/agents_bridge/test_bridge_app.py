@@ -1,4 +1,4 @@
-"""The bridge calls the agent once per attempt; repeats in flight share one published result."""
+"""The bridge calls the agent once per attempt and turn; repeats in flight share one published result."""
 
 from __future__ import annotations
 
@@ -19,12 +19,23 @@ from agents_bridge.app import Bridge, BridgeApp, Taken, create_app, take_apart
 from agents_bridge.intake import Intake
 from agents_bridge.slots import SentAway
 from models.agents import AgentEntry
-from models.messages import AgentResult, AgentTask, encode, utcnow
+from models.messages import (
+    AgentCancel,
+    AgentQuestion,
+    AgentResult,
+    AgentTask,
+    MonitoringUpdate,
+    Reply,
+    ResultStatus,
+    decode,
+    encode,
+    utcnow,
+)
 from switchyard.settings import Settings
 from tests.models.run_builders import success_for
 
 
-def _task() -> AgentTask:
+def _task(turn: int = 0) -> AgentTask:
     return AgentTask(
         correlation_id="run-1/s1/1",
         run_id="run-1",
@@ -33,6 +44,24 @@ def _task() -> AgentTask:
         agent_name="a",
         input={},
         deadline=utcnow() + timedelta(seconds=30),
+        turn=turn,
+        reply=Reply(task_id="t-1", context_id="c-1", text=f"answer {turn}") if turn else None,
+    )
+
+
+def _asking(task: AgentTask) -> AgentResult:
+    """The agent's question in answer to ``task``."""
+    now = utcnow()
+    return AgentResult(
+        correlation_id=task.correlation_id,
+        run_id=task.run_id,
+        step_id=task.step_id,
+        attempt=task.attempt,
+        status=ResultStatus.INPUT_REQUIRED,
+        question=AgentQuestion(text="which year?", task_id="t-1", context_id="c-1"),
+        turn=task.turn,
+        started_at=now,
+        finished_at=now,
     )
 
 
@@ -51,9 +80,11 @@ class GatedAgent:
 
     async def execute(self, task: AgentTask, started: Callable[[], None]) -> AgentResult:
         started()
-        self.calls.append(task.correlation_id)
+        self.calls.append(task.call_id)
         await self.gate.wait()
-        return success_for(task, {"ok": True})
+        return (
+            _asking(task) if task.turn == 0 else success_for(task, {"ok": True}).model_copy(update={"turn": task.turn})
+        )
 
     async def publish(self, task: AgentTask, result: AgentResult) -> None:
         self.published.append(result)
@@ -81,6 +112,21 @@ async def test_a_repeat_in_flight_shares_the_call_and_a_late_repeat_is_answered_
     # Published once for the two deliveries in flight, and again for the late
     # repeat: the executor asking again may have lost the first result.
     assert agent.published == [results[0], results[0]]
+
+
+async def test_an_answer_is_a_call_of_its_own_and_its_repeat_is_remembered(bridge: Bridge, agent: GatedAgent) -> None:
+    agent.gate.set()
+    question = await bridge.execute(_task())
+    answered = await bridge.execute(_task(turn=1))  # the same correlation id, the next turn
+    again = await bridge.execute(_task(turn=1))  # that answer delivered again
+    assert agent.calls == ["run-1/s1/1", "run-1/s1/1#1"], "one call per turn"
+    assert question is not None
+    assert answered is not None
+    assert (question.status, question.turn) == (ResultStatus.INPUT_REQUIRED, 0)
+    assert (answered.status, answered.turn) == (ResultStatus.SUCCESS, 1)
+    assert again == answered
+    assert bridge.memory.remembered == 1
+    assert await bridge.execute(_task()) == question, "turn 0 is remembered apart"
 
 
 async def test_a_repeat_from_another_message_returns_at_once_and_the_same_message_waits(
@@ -133,11 +179,16 @@ class Registry:
 
 @dataclass
 class Caller:
-    """Stands in for AgentCaller: each call waits for its gate; records which calls are running."""
+    """Stands in for AgentCaller: each call waits for its gate; records which calls are running, and cancels."""
 
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
     called: list[str] = field(default_factory=list)
+    cancelled: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    async def cancel(self, key: str, agent: AgentEntry, *, task_id: str | None = None) -> bool:
+        self.cancelled.append((key, agent.name, task_id))
+        return True
 
     async def call(self, task: AgentTask, agent: AgentEntry) -> AgentResult:
         self.called.append(task.correlation_id)
@@ -243,6 +294,40 @@ async def test_calls_sent_away_are_not_made_nor_remembered(limited: tuple[Bridge
     assert caller.called.count(waiting.correlation_id) == 1
 
 
+def _cancel(agent: str, task_id: str | None) -> AgentCancel:
+    return AgentCancel(
+        correlation_id="run-1/s1/1", run_id="run-1", step_id="s1", attempt=1, agent_name=agent, task_id=task_id
+    )
+
+
+async def test_a_cancel_names_the_agents_task_when_the_executor_knows_it(limited: tuple[Bridge, Caller]) -> None:
+    bridge, caller = limited
+    assert await bridge.cancel(_cancel("slow", "t-9")) is True  # an attempt waiting for an answer
+    assert await bridge.cancel(_cancel("fast", None)) is True  # a call in progress: looked up by correlation id
+    assert await bridge.cancel(_cancel("nobody", "t-9")) is False  # not in the registry
+    assert caller.cancelled == [("run-1/s1/1", "slow", "t-9"), ("run-1/s1/1", "fast", None)]
+    assert bridge.cancels == 2
+
+
+async def test_the_bridges_own_failures_keep_the_turn(limited: tuple[Bridge, Caller]) -> None:
+    bridge, caller = limited
+    unknown = _task(turn=2)  # agent "a" is not in the registry
+    result = await bridge.execute(unknown)
+    assert result is not None
+    assert result.error is not None
+    assert (result.error.kind, result.turn) == ("unknown_agent", 2)
+    # Another call (same call id: the memory would answer with the result above).
+    late = AgentTask.model_validate(
+        unknown.model_dump()
+        | {"correlation_id": "run-1/s1/2", "attempt": 2, "agent_name": "fast", "deadline": utcnow()}
+    )
+    result = await bridge.execute(late)
+    assert result is not None
+    assert result.error is not None
+    assert (result.error.kind, result.turn) == ("timeout", 2)
+    assert caller.called == []
+
+
 # ------------------------------------------------------- the Faust app
 
 
@@ -315,3 +400,26 @@ async def test_a_task_waiting_for_its_acknowledgement_keeps_its_message_not_its_
     assert not any(ref is value for ref in gc.get_referents(message)), "nor does anything the ticket keeps"
     await taken.acknowledge()
     assert acked == [message], "acknowledged through its stream, by its message"
+
+
+async def test_a_question_is_published_with_its_monitoring_status(
+    bridge_app: BridgeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: dict[str, list[bytes]] = {"results": [], "monitoring": []}
+
+    def recorder(name: str) -> Callable[..., Any]:
+        async def send(*, key: bytes, value: bytes) -> None:
+            sent[name].append(value)
+
+        return send
+
+    monkeypatch.setattr(bridge_app.results_topic, "send", recorder("results"))
+    monkeypatch.setattr(bridge_app.monitoring_topic, "send", recorder("monitoring"))
+    task = _task()
+    result = _asking(task)
+    assert bridge_app.bridge.publish is not None
+    await bridge_app.bridge.publish(task, result)
+    assert [decode(AgentResult, value) for value in sent["results"]] == [result]
+    [update] = [decode(MonitoringUpdate, value) for value in sent["monitoring"]]
+    assert update.status == "AGENT_INPUT_REQUIRED"
+    assert (update.run_id, update.step_id, update.attempt) == ("run-1", "s1", 1)

@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
 import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import aiohttp
 import pytest
+from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_task_from_user_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types.a2a_pb2 import AgentCapabilities, AgentCard, AgentInterface
 from aiohttp import web
+from starlette.applications import Starlette
 
 from agents_bridge.a2a import message_id_for
 from agents_bridge.calls import AgentCaller, CallSettings, backoff_delay, parse_retry_after
+from examples.agents.asgi import serve_asgi
 from examples.agents.researcher import SPEC as RESEARCHER
 from examples.agents.server import AgentConfig, AgentSpec, RunningAgent, start_agent
 from examples.agents.skills import research, summarize
 from examples.agents.summarizer import SPEC as SUMMARIZER
 from models.agents import AgentAuth, AgentEntry, AuthKind, CallRetry
-from models.messages import AgentResult, AgentTask, ResultStatus
+from models.messages import MAX_TEXT_CHARS, AgentQuestion, AgentResult, AgentTask, Reply, ResultStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,12 +218,26 @@ async def test_an_answer_over_the_limit_without_a_length_names_its_size(
     assert not result.error.retriable
 
 
-async def test_input_required(start: StartAgent, caller: AgentCaller) -> None:
+async def test_input_required_is_a_question_not_a_failure(
+    start: StartAgent, caller: AgentCaller, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agents_bridge.calls")
     agent = await start(input_required=True)
-    result = await caller.call(make_task(), entry(agent))
-    assert result.error is not None
-    assert (result.error.kind, result.error.retriable) == ("input_required", False)
-    assert "Which aspect" in result.error.message
+    task = make_task()
+    result = await caller.call(task, entry(agent))
+    assert result.status is ResultStatus.INPUT_REQUIRED
+    assert result.error is None
+    assert result.output is None
+    assert result.question is not None
+    assert result.question.text == "Which aspect should I focus on? Reply with more detail."
+    assert result.question.data is None
+    assert result.question.task_id
+    assert result.question.context_id
+    assert result.turn == 0
+    assert_result_matches(result, task)
+    [line] = [r for r in caplog.records if r.name == "agents_bridge.calls" and r.levelno == logging.INFO]
+    assert line.getMessage().startswith(f"INPUT_REQUIRED for {task.correlation_id} from researcher")
+    assert result.question.task_id in line.getMessage()
 
 
 # --- retries ---------------------------------------------------------------------------------------------------------
@@ -379,6 +405,357 @@ async def test_cancel_a_task_being_polled(start: StartAgent, caller: AgentCaller
     assert await caller.cancel(task.correlation_id, entry(agent)) is False  # forgotten, and no such task
     assert await caller.cancel("no-such-task", entry(agent, supports_cancel=False)) is False
     assert agent.stats.methods["CancelTask"] == 2
+
+
+# --- a person in the loop: questions and answers ---------------------------------------------------------------------
+
+QUESTION = "Which decade should I look at?"
+SEND = {"1.0": "SendMessage", "0.3": "message/send"}
+GET = {"1.0": "GetTask", "0.3": "tasks/get"}
+
+
+class AskOnce(AgentExecutor):
+    """A tiny a2a-sdk agent: asks one question on a task's first message, completes quoting the answer on the next."""
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """Ask (INPUT_REQUIRED), or complete with an artifact that quotes the answer and names the task."""
+        first = context.current_task is None
+        if first and context.message is not None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
+        await updater.start_work()
+        if first:
+            question = [new_text_part(QUESTION), new_data_part({"choices": ["1990s", "2020s"]})]
+            await updater.requires_input(updater.new_agent_message(question))
+            return
+        assert context.message is not None
+        output = {
+            "answer": "\n".join(get_text_parts(context.message.parts)),
+            "answer_data": get_data_parts(context.message.parts),
+            "task_id": context.task_id,
+            "context_id": context.context_id,
+        }
+        await updater.add_artifact([new_data_part(output)], name="result")
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """Mark the task canceled."""
+        await TaskUpdater(event_queue, str(context.task_id), str(context.context_id)).cancel()
+
+
+@dataclass
+class SdkAgent:
+    """An a2a-sdk app on a loopback port, with every JSON-RPC body it was sent, in order."""
+
+    url: str
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return [str(body.get("method")) for body in self.bodies]
+
+
+@contextlib.asynccontextmanager
+async def sdk_agent(executor: AgentExecutor) -> AsyncIterator[SdkAgent]:
+    """Serve ``executor`` with the SDK's own handler and routes (1.0, and 0.3 through its compat layer)."""
+    card = AgentCard(
+        name="asker",
+        description="asks once",
+        version="1.0.0",
+        supported_interfaces=[
+            AgentInterface(url="http://127.0.0.1/", protocol_binding="JSONRPC", protocol_version=v)
+            for v in ("1.0", "0.3")
+        ],
+        capabilities=AgentCapabilities(streaming=False, push_notifications=False),
+        default_input_modes=["application/json", "text/plain"],
+        default_output_modes=["application/json"],
+    )
+    handler = DefaultRequestHandler(agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card)
+    sdk_app = Starlette(routes=create_jsonrpc_routes(handler, "/", enable_v0_3_compat=True))
+    recorded: list[dict[str, Any]] = []
+
+    async def rpc(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        recorded.append(json.loads(body))
+        return await serve_asgi(sdk_app, request, body)
+
+    app = web.Application()
+    app.router.add_post("/", rpc)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield SdkAgent(url=f"http://127.0.0.1:{runner.addresses[0][1]}/", bodies=recorded)
+    finally:
+        await handler.aclose()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def fake_agent(handler: Callable[[dict[str, Any]], Awaitable[Any]]) -> AsyncIterator[str]:
+    """Serve a JSON-RPC ``handler`` (the request body in, the ``result`` out) on a loopback port; yields its URL."""
+
+    async def rpc(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": await handler(body)})
+
+    app = web.Application()
+    app.router.add_post("/", rpc)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    finally:
+        await runner.cleanup()
+
+
+def answer_to(task: AgentTask, question: AgentQuestion, text: str | None = "the 2020s", **fields: Any) -> AgentTask:
+    """The task that carries a person's answer to ``question`` (the next turn of ``task``)."""
+    reply = Reply(task_id=question.task_id, context_id=question.context_id, text=text, data=fields.pop("data", None))
+    values = task.model_dump() | {"turn": task.turn + 1, "reply": reply.model_dump()} | fields
+    return AgentTask.model_validate(values)
+
+
+def asked(result: AgentResult) -> AgentQuestion:
+    assert result.status is ResultStatus.INPUT_REQUIRED, result.error
+    assert result.question is not None
+    return result.question
+
+
+@pytest.mark.parametrize("protocol", ["1.0", "0.3"])
+async def test_a_real_sdk_agent_asks_and_the_answer_continues_the_same_task(
+    caller: AgentCaller, session: aiohttp.ClientSession, protocol: str
+) -> None:
+    async with sdk_agent(AskOnce()) as agent:
+        asker = entry(agent.url, name="asker", protocol_version=protocol)
+        first = make_task("asker")
+        result = await caller.call(first, asker)
+        question = asked(result)
+        assert (question.text, question.data) == (QUESTION, {"choices": ["1990s", "2020s"]})
+        assert question.context_id
+        assert (result.turn, result.error, result.output) == (0, None, None)
+
+        answer = answer_to(first, question, data={"from": 2020})
+        done = await caller.call(answer, asker)
+        assert done.status is ResultStatus.SUCCESS, done.error
+        assert done.turn == 1
+        assert done.correlation_id == first.correlation_id
+        assert done.output == {
+            "answer": "the 2020s",
+            "answer_data": [{"from": 2020}],
+            "task_id": question.task_id,  # the same task, continued
+            "context_id": question.context_id,
+        }
+        assert agent.methods == [SEND[protocol], GET[protocol], SEND[protocol]]
+        sent = agent.bodies[2]["params"]["message"]
+        assert (sent["taskId"], sent["contextId"]) == (question.task_id, question.context_id)
+        assert sent["messageId"] == message_id_for(answer.call_id) != message_id_for(first.correlation_id)
+
+        # Another bridge gets the same answer again (the first died after sending it): the SDK kept the
+        # answer in the task's history with its message id, so it is not sent again.
+        again = await AgentCaller(session, CallSettings(poll_interval_s=0.05)).call(answer, asker)
+        assert again.status is ResultStatus.SUCCESS
+        assert again.output == done.output
+        assert agent.methods == [SEND[protocol], GET[protocol], SEND[protocol], GET[protocol]]
+
+
+@pytest.mark.parametrize("protocol", ["1.0", "0.3"])
+async def test_an_answer_delivered_twice_reaches_the_agent_once_and_gives_its_next_question(
+    start: StartAgent, session: aiohttp.ClientSession, caller: AgentCaller, protocol: str
+) -> None:
+    agent = await start(ask=2, protocol=protocol)
+    first = make_task(value={"topic": "tides"})
+    one = asked(await caller.call(first, entry(agent)))
+    assert one.text.startswith("Question 1 of 2")
+    assert one.data == {"question": 1, "of": 2}
+
+    answer = answer_to(first, one, text="costs")
+    two = asked(await caller.call(answer, entry(agent)))
+    assert two.text.startswith("Question 2 of 2")
+    assert two.task_id == one.task_id
+    repeat = await AgentCaller(session, CallSettings(poll_interval_s=0.05)).call(answer, entry(agent))
+    assert repeat.question == two, "the agent's next question, read from the task"
+    assert repeat.turn == 1
+    assert agent.stats.continuations == {message_id_for(answer.call_id): 1}
+
+    done = await caller.call(answer_to(answer, two, text=None, data={"why": "budget"}), entry(agent))
+    assert done.status is ResultStatus.SUCCESS, done.error
+    assert done.turn == 2
+    assert done.output == {**research({"topic": "tides"}), "answers": ["costs", {"why": "budget"}]}
+    assert agent.stats.continued_tasks == {one.task_id: 2}
+    assert agent.stats.by_idempotency_key == {
+        first.correlation_id: 1,
+        f"{first.correlation_id}#1": 1,
+        f"{first.correlation_id}#2": 1,
+    }
+
+
+async def test_an_answer_the_agent_is_working_on_is_polled_not_sent_again(
+    start: StartAgent, session: aiohttp.ClientSession, caller: AgentCaller
+) -> None:
+    agent = await start(ask=1, working=True, slow_s=1.0)
+    first = make_task()
+    answer = answer_to(first, asked(await caller.call(first, entry(agent))))
+    sending = asyncio.create_task(caller.call(answer, entry(agent)))
+    for _ in range(200):
+        if agent.stats.continuations:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the agent has taken the answer up and works on it
+    other_bridge = AgentCaller(session, CallSettings(poll_interval_s=0.05))
+    repeat = await other_bridge.call(answer, entry(agent))
+    done = await sending
+    assert done.status is repeat.status is ResultStatus.SUCCESS
+    assert repeat.output == done.output
+    assert agent.stats.continuations == {message_id_for(answer.call_id): 1}
+
+
+async def test_an_answer_is_retried_only_after_looking_at_the_task_again(
+    start: StartAgent, caller: AgentCaller, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await start(ask=1, fail_times=1)  # each message id: one 503 first
+    first = make_task()
+    answer = answer_to(first, asked(await caller.call(first, entry(agent))))
+    caplog.clear()
+    done = await caller.call(answer, entry(agent))
+    assert done.status is ResultStatus.SUCCESS, done.error
+    assert agent.stats.continuations == {message_id_for(answer.call_id): 2}
+    assert agent.stats.methods == {"SendMessage": 4, "GetTask": 2}  # GetTask, 503, GetTask, sent
+    retried = [
+        r.getMessage() for r in caplog.records if r.name == "agents_bridge.calls" and r.levelno == logging.WARNING
+    ]
+    assert len(retried) == 1
+    assert retried[0].startswith(f"SendMessage to researcher for {answer.call_id} failed (attempt 1 of 3): HTTP 503")
+
+
+async def test_an_answer_that_timed_out_after_reaching_the_agent_is_not_sent_again(
+    session: aiohttp.ClientSession,
+) -> None:
+    # A fake agent takes the answer into the task's history, then answers too late: the bridge's
+    # next look at the task finds it there and polls instead of sending it again.
+    task: dict[str, Any] = {
+        "id": "t-7",
+        "contextId": "c-7",
+        "status": {"state": "TASK_STATE_INPUT_REQUIRED"},
+        "history": [{"messageId": "m-0", "role": "ROLE_USER", "parts": []}],
+    }
+    sends: list[str] = []
+
+    def complete() -> None:
+        task["status"] = {"state": "TASK_STATE_COMPLETED"}
+        task["artifacts"] = [{"artifactId": "a", "parts": [{"data": {"ok": True}}]}]
+
+    async def agent(body: dict[str, Any]) -> Any:
+        if body["method"] == "SendMessage":
+            sends.append(body["params"]["message"]["messageId"])
+            task["history"].append(body["params"]["message"])
+            task["status"] = {"state": "TASK_STATE_WORKING"}
+            asyncio.get_running_loop().call_later(0.5, complete)
+            await asyncio.sleep(1.0)
+            return {"task": task}
+        assert body["method"] == "GetTask"
+        return task
+
+    impatient = AgentCaller(session, CallSettings(call_timeout_s=0.2, poll_interval_s=0.05))
+    first = make_task()
+    answer = answer_to(first, AgentQuestion(text="?", task_id="t-7", context_id="c-7"))
+    async with fake_agent(agent) as url:
+        result = await impatient.call(answer, entry(url))
+    assert result.status is ResultStatus.SUCCESS, result.error
+    assert result.output == {"ok": True}
+    assert sends == [message_id_for(answer.call_id)], "sent once"
+
+
+async def test_an_answer_to_a_task_the_agent_does_not_know_is_a_clear_failure(
+    start: StartAgent, caller: AgentCaller
+) -> None:
+    agent = await start()
+    answer = answer_to(make_task(), AgentQuestion(text="?", task_id="no-such-task"))
+    result = await caller.call(answer, entry(agent))
+    assert result.error is not None
+    assert result.error.kind == "jsonrpc_error"
+    assert result.error.message == "cannot continue the agent's task no-such-task: code -32001: Task not found"
+    assert not result.error.retriable
+    assert result.turn == 1
+    assert agent.stats.calls == 0, "nothing was sent"
+
+
+async def test_a_waiting_task_is_cancelled_by_its_task_id_and_then_takes_no_answer(
+    start: StartAgent, caller: AgentCaller
+) -> None:
+    agent = await start(ask=1)
+    first = make_task()
+    question = asked(await caller.call(first, entry(agent)))
+    # No call is in progress: the correlation id alone names no task the bridge knows.
+    assert await caller.cancel(first.correlation_id, entry(agent)) is False
+    assert await caller.cancel(first.correlation_id, entry(agent), task_id=question.task_id) is True
+    assert agent.stats.cancelled_task_ids == [first.correlation_id, question.task_id]
+
+    result = await caller.call(answer_to(first, question), entry(agent))
+    assert result.error is not None
+    assert (result.error.kind, result.error.message) == ("agent_failed", "the agent reported the task canceled")
+    assert agent.stats.continuations == {}, "a canceled task is not sent the answer"
+
+
+async def test_cancel_reaches_the_task_an_answer_is_being_taken_up_by(start: StartAgent, caller: AgentCaller) -> None:
+    agent = await start(ask=1, slow_s=10)
+    first = make_task(deadline_s=20)
+    answer = answer_to(first, asked(await caller.call(first, entry(agent))))
+    call = asyncio.create_task(caller.call(answer, entry(agent)))
+    for _ in range(200):
+        if agent.stats.continuations:
+            break
+        await asyncio.sleep(0.01)
+    assert await caller.cancel(first.correlation_id, entry(agent)) is True  # known from the reply
+    result = await asyncio.wait_for(call, 5)
+    assert result.error is not None
+    assert result.error.kind == "agent_failed"
+    assert result.turn == 1
+
+
+async def test_auth_required_stays_a_failure(caller: AgentCaller) -> None:
+    async def agent(body: dict[str, Any]) -> Any:
+        return {"task": {"id": "t", "contextId": "c", "status": {"state": "TASK_STATE_AUTH_REQUIRED"}}}
+
+    async with fake_agent(agent) as url:
+        result = await caller.call(make_task(), entry(url))
+    assert result.status is ResultStatus.FAILURE
+    assert result.question is None
+    assert result.error is not None
+    assert (result.error.kind, result.error.retriable) == ("auth_required", False)
+
+
+@pytest.mark.parametrize(
+    ("task_id", "text", "where"),
+    [("t" * 401, "which?", "task_id"), ("t", "lone \ud800 surrogate", "text")],  # the text from a JSON escape
+)
+async def test_a_question_that_cannot_be_carried_is_a_malformed_response(
+    caller: AgentCaller, task_id: str, text: str, where: str
+) -> None:
+    async def agent(body: dict[str, Any]) -> Any:
+        message = {"messageId": "q", "role": "ROLE_AGENT", "parts": [{"text": text}]}
+        return {"task": {"id": task_id, "status": {"state": "TASK_STATE_INPUT_REQUIRED", "message": message}}}
+
+    async with fake_agent(agent) as url:
+        result = await caller.call(make_task(), entry(url))
+    assert result.status is ResultStatus.FAILURE
+    assert result.error is not None
+    assert (result.error.kind, result.error.retriable) == ("malformed_response", False)
+    assert result.error.message.startswith(f"the agent's question cannot be carried: {where}:")
+
+
+async def test_a_long_question_is_clipped_to_what_a_question_carries(caller: AgentCaller) -> None:
+    async def agent(body: dict[str, Any]) -> Any:
+        message = {"messageId": "q", "role": "ROLE_AGENT", "parts": [{"text": "?" * 50_000}]}
+        return {"task": {"id": "t", "status": {"state": "TASK_STATE_INPUT_REQUIRED", "message": message}}}
+
+    async with fake_agent(agent) as url:
+        question = asked(await caller.call(make_task(), entry(url)))
+    assert len(question.text) == MAX_TEXT_CHARS
+    assert question.context_id is None
 
 
 # --- credentials -----------------------------------------------------------------------------------------------------

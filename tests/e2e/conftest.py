@@ -73,6 +73,8 @@ AGENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "polled": ("summarizer", ("--working", "--slow", "0.3")),
     "slow1": ("summarizer", ("--slow", "1")),
     "echo": ("echo", ()),
+    "asker": ("researcher", ("--ask", "1")),
+    "asker2": ("researcher", ("--ask", "2")),
 }
 
 

@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -22,6 +23,8 @@ from switchyard.db import RunRecord, WorkflowRepository
 from switchyard.kafka import produce
 from switchyard.stack import http_json
 from tests.e2e.conftest import API_TOKEN, RunningStack
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -236,27 +239,42 @@ def test_same_run_id_twice_runs_once(e2e: RunningStack) -> None:
     assert e2e.stats("summarizer")["calls"] - before == 1
 
 
-def _dead_letters(e2e: RunningStack, reason_part: str, timeout: float = 20.0) -> list[DeadLetterRecord]:
-    async def read() -> list[DeadLetterRecord]:
+def read_topic(
+    e2e: RunningStack,
+    topic: str,
+    keep: Callable[[bytes | None, bytes], T | None],
+    enough: Callable[[list[T]], bool],
+    timeout: float = 20.0,
+) -> list[T]:
+    """What ``keep`` makes of a topic's records, from its start, until ``enough`` of them or the time is up."""
+
+    async def read() -> list[T]:
         consumer = AIOKafkaConsumer(
-            topics.DEADLETTER, bootstrap_servers=e2e.settings.bootstrap_servers, auto_offset_reset="earliest"
+            topic, bootstrap_servers=e2e.settings.bootstrap_servers, auto_offset_reset="earliest"
         )
         await consumer.start()
-        found: list[DeadLetterRecord] = []
+        found: list[T] = []
         try:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and not found:
-                batches = await consumer.getmany(timeout_ms=500)
-                for messages in batches.values():
+            while time.monotonic() < deadline and not enough(found):
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
                     for message in messages:
-                        record = decode(DeadLetterRecord, message.value)
-                        if reason_part in record.reason:
-                            found.append(record)
+                        kept = keep(message.key, message.value)
+                        if kept is not None:
+                            found.append(kept)
         finally:
             await consumer.stop()
         return found
 
     return asyncio.run(read())
+
+
+def _dead_letters(e2e: RunningStack, reason_part: str, timeout: float = 20.0) -> list[DeadLetterRecord]:
+    def keep(key: bytes | None, value: bytes) -> DeadLetterRecord | None:
+        record = decode(DeadLetterRecord, value)
+        return record if reason_part in record.reason else None
+
+    return read_topic(e2e, topics.DEADLETTER, keep, bool, timeout)
 
 
 def test_malformed_submission_goes_to_the_dead_letter_topic_and_the_worker_goes_on(e2e: RunningStack) -> None:

@@ -853,6 +853,9 @@ def _time(value: Any) -> datetime | None:
 
 SHARED_AGENTS: dict[str, AgentSpec] = {
     "summarizer": AgentSpec(),
+    # Ask one question (A2A INPUT_REQUIRED) before completing; the second takes 4 s once answered.
+    "asker": AgentSpec(module="researcher", flags=("--ask", "1")),
+    "slow-asker": AgentSpec(module="researcher", flags=("--ask", "1", "--slow", "4")),
     # Its first RUNS requests fail with 503 and the bridge tries each
     # attempt's request once: the first attempts of one scenario's RUNS runs
     # are retriable FAILUREs, their second attempts succeed. (Counted over the

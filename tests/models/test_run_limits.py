@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from pydantic import JsonValue
 
 from models.agents import RecoveryAction, RecoveryPolicy
-from models.messages import ErrorKind
+from models.messages import AgentQuestion, AgentResult, ErrorKind, ResultStatus
 from models.plan import RetryPolicy, WorkflowPlan
 from models.run import (
     AgentPolicy,
+    AgentResultReceived,
     Attempt,
     CancelAgentTask,
     Checkpoint,
@@ -189,6 +190,29 @@ def test_a_big_output_fails_the_run_and_the_reduced_state_fits() -> None:
     assert reduced.error.step_id == "s2"  # the step the transition had opened
     assert f"{size} bytes" in reduced.error.message
     assert f"{LIMIT} bytes" in reduced.error.message
+
+
+def test_a_run_that_waits_for_a_person_fails_whole_with_its_large_question_data_replaced() -> None:
+    before = started()
+    question = AgentQuestion(text="which one?", data={"choices": "x" * 30_000}, task_id="task-1")
+    asking = AgentResult(
+        correlation_id="run-1/s1/1",
+        run_id=before.run_id,
+        step_id="s1",
+        attempt=1,
+        status=ResultStatus.INPUT_REQUIRED,
+        question=question,
+        started_at=at(1),
+        finished_at=at(1),
+    )
+    after, _ = step(before, AgentResultReceived(result=asking, at=at(1)))
+    assert after.waiting == 1
+    size, reduced, effects = too_large(before, after, when=at(1))
+    assert_failed_too_large(before, after, reduced, effects, size, LIMIT)
+    assert reduced.waiting == 0, "a failed run waits for no one"
+    kept = execution_of(reduced, "s1").attempts[0].exchanges[0].question
+    assert kept.text == "which one?"
+    assert kept.data == note_for({"choices": "x" * 30_000})
 
 
 def test_large_values_are_replaced_by_notes_and_small_ones_are_kept() -> None:

@@ -30,6 +30,7 @@ from streams.cli import (
     CliError,
     SwitchyardCommand,
     control_run,
+    give_input,
     manage_agents,
     register,
     show_status,
@@ -38,6 +39,7 @@ from streams.views import record_view
 from switchyard.agent_cards import AgentCardError, CardInfo
 from switchyard.db import RunRecord, StepRecord
 from switchyard.settings import Settings
+from tests.streams.test_answers import StateRepository, approval, asked_twice, looped, mapped, waiting
 from tests.streams.test_cli import PLAN_FILE, REGISTRY_FILE, T0, record_of, rejected, submission
 from tests.streams.test_web import FakeRepository, FakeStore
 
@@ -185,6 +187,218 @@ async def test_a_run_stored_without_its_data_cannot_be_retried(fakes: Fakes) -> 
     assert fakes.send.await_count == 0
 
 
+# --------------------------------------------------------------- input
+
+
+@pytest.fixture
+def checkpoints(fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> StateRepository:
+    """PostgreSQL's checkpoints, which ``input`` reads the run from."""
+    repo = StateRepository()
+    monkeypatch.setattr(cli, "WorkflowRepository", lambda engine: repo)
+    return repo
+
+
+async def test_an_answer_is_sent_keyed_by_the_run_and_printed(
+    fakes: Fakes, checkpoints: StateRepository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints.states["run-1"] = waiting()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "s1", text="1999") == 0
+    ((settings, topic),) = [call.args for call in fakes.send.await_args_list]
+    assert (settings, topic) == (fakes.settings, CONTROL)
+    call = fakes.send.await_args
+    assert call is not None
+    assert (call.kwargs["key"], call.kwargs["doing"], call.kwargs["create_topics"]) == (b"run-1", "the answer", False)
+    (message,) = fakes.sent()
+    assert (message.command, message.step_id, message.attempt, message.turn) == (ControlCommand.INPUT, "s1", 1, 0)
+    assert message.answer is not None
+    assert (message.answer.text, message.answer.data, message.answer.source) == ("1999", None, "cli")
+    answer_id = message.answer.answer_id
+    assert capsys.readouterr().out == f"answer {answer_id} sent to s1 of run run-1 (question 1)\n"
+    assert checkpoints.calls == ["get_state run-1"]
+
+
+async def test_the_agents_second_question_is_question_2(
+    fakes: Fakes, checkpoints: StateRepository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints.states["run-1"] = asked_twice()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "s1", text="May") == 0
+    (message,) = fakes.sent()
+    assert message.turn == 1
+    assert capsys.readouterr().out.endswith(" sent to s1 of run run-1 (question 2)\n")
+
+
+async def test_a_map_item_is_named_in_the_output(
+    fakes: Fakes, checkpoints: StateRepository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints.states["run-1"] = mapped()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "s1", text="b", item=1, iteration=1) == 0
+    (message,) = fakes.sent()
+    assert (message.item, message.iteration) == (1, 1)
+    assert capsys.readouterr().out.endswith(" sent to s1 item 1 of run run-1 (question 1)\n")
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+async def test_an_approval_is_decided(fakes: Fakes, checkpoints: StateRepository, decision: str) -> None:
+    checkpoints.states["run-1"] = approval()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "review", decision=decision, data_json='{"n": 1}') == 0
+    (message,) = fakes.sent()
+    assert message.answer is not None
+    assert (message.answer.decision, message.answer.data) == (decision, {"n": 1})
+
+
+@pytest.mark.parametrize(
+    "data_json", ['"words"', "42", "-4.5e3", "true", "false", "0", '""', "[]", '[1, "a", null]', '{"k": {"n": null}}']
+)
+async def test_data_is_any_json_value(fakes: Fakes, checkpoints: StateRepository, data_json: str) -> None:
+    checkpoints.states["run-1"] = waiting()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "s1", data_json=data_json) == 0
+    (message,) = fakes.sent()
+    assert message.answer is not None
+    assert message.answer.data == json.loads(data_json)
+    assert message.answer.text is None
+
+
+async def test_text_and_data_go_together(fakes: Fakes, checkpoints: StateRepository) -> None:
+    checkpoints.states["run-1"] = waiting()
+    assert await give_input(fakes.settings, CONTROL, "run-1", "s1", text="see data", data_json="[1999]") == 0
+    (message,) = fakes.sent()
+    assert message.answer is not None
+    assert (message.answer.text, message.answer.data) == ("see data", [1999])
+
+
+@pytest.mark.parametrize(
+    ("data_json", "why"),
+    [
+        ("NaN", "NaN is not JSON"),
+        ("Infinity", "Infinity is not JSON"),
+        ("-Infinity", "-Infinity is not JSON"),
+        ('{"a": [NaN]}', "NaN is not JSON"),
+        ("{", "Expecting property name enclosed in double quotes"),
+        ("'single'", "Expecting value"),
+        ("", "Expecting value"),
+        ("1 2", "Extra data"),
+        ("[" * 100_000 + "]" * 100_000, ""),
+    ],
+)
+async def test_data_that_is_not_json_is_exit_2_before_anything_is_read(
+    fakes: Fakes, checkpoints: StateRepository, data_json: str, why: str
+) -> None:
+    checkpoints.states["run-1"] = waiting()
+    with pytest.raises(CliError) as raised:
+        await give_input(fakes.settings, CONTROL, "run-1", "s1", data_json=data_json)
+    assert raised.value.code == EXIT_BAD_INPUT
+    assert str(raised.value).startswith("--data is not JSON: ")
+    assert why in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert (fakes.send.await_count, checkpoints.calls) == (0, [])
+
+
+@pytest.mark.parametrize(
+    ("make", "step_id", "options", "reason"),
+    [
+        (None, "s1", {"text": "x"}, "no run 'run-1'"),
+        (waiting, "s9", {"text": "x"}, "run 'run-1' has no step 's9'"),
+        (waiting, "s2", {"text": "x"}, "step 's2' of run 'run-1' is not waiting for input (it has not started)"),
+        (mapped, "s1", {"text": "x"}, "2 items of step 's1' of run 'run-1' wait for input (items 0, 1); name one"),
+        (
+            looped,
+            "s1",
+            {"text": "x", "iteration": 1},
+            "step 's1' of run 'run-1' is not waiting for input (it is RUNNING)",
+        ),
+    ],
+)
+async def test_a_run_that_does_not_wait_there_is_exit_1_and_sends_nothing(
+    fakes: Fakes, checkpoints: StateRepository, make: Any, step_id: str, options: dict[str, Any], reason: str
+) -> None:
+    if make is not None:
+        checkpoints.states["run-1"] = make()
+    with pytest.raises(CliError) as raised:
+        await give_input(fakes.settings, CONTROL, "run-1", step_id, **options)
+    assert (str(raised.value), raised.value.code) == (reason, EXIT_FAILED)
+    assert fakes.send.await_count == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "step_id", "options", "reason"),
+    [
+        (
+            approval,
+            "review",
+            {"text": "yes"},
+            "step 'review' is an approval: decide with approve or reject (and optional data)",
+        ),
+        (
+            waiting,
+            "s1",
+            {"decision": "approve"},
+            "step 's1' waits for an answer to its agent's question, not a decision: give text or data",
+        ),
+        (waiting, "s1", {}, "an answer to step 's1' needs text or data"),
+        (waiting, "s1", {"text": ""}, "an answer to step 's1' needs text or data"),
+        (waiting, "s1", {"data_json": "null"}, "an answer to step 's1' needs text or data"),
+        (waiting, "s1", {"text": "x" * 10_001}, "invalid answer: text: String should have at most 10000 characters"),
+        (waiting, "s1", {"text": "caf\udce9"}, "invalid answer: text: Input should be a valid string"),
+    ],
+)
+async def test_an_answer_of_the_wrong_form_is_exit_2_and_sends_nothing(
+    fakes: Fakes, checkpoints: StateRepository, make: Any, step_id: str, options: dict[str, Any], reason: str
+) -> None:
+    checkpoints.states["run-1"] = make()
+    with pytest.raises(CliError) as raised:
+        await give_input(fakes.settings, CONTROL, "run-1", step_id, **options)
+    assert raised.value.code == EXIT_BAD_INPUT
+    assert str(raised.value).startswith(reason)
+    assert fakes.send.await_count == 0
+
+
+async def test_an_answer_too_large_is_exit_2_and_sends_nothing(fakes: Fakes, checkpoints: StateRepository) -> None:
+    checkpoints.states["run-1"] = waiting()
+    small = Settings(database_url=None, max_message_bytes=16_384)
+    with pytest.raises(CliError) as raised:
+        await give_input(small, CONTROL, "run-1", "s1", data_json=json.dumps("x" * 20_000))
+    assert raised.value.code == EXIT_BAD_INPUT
+    assert "over the limit of 16384 (SWITCHYARD_MAX_MESSAGE_BYTES)" in str(raised.value)
+    assert fakes.send.await_count == 0
+
+
+async def test_a_broker_that_refuses_the_answer_prints_nothing(
+    fakes: Fakes, checkpoints: StateRepository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints.states["run-1"] = waiting()
+    fakes.send.side_effect = CliError("cannot reach the broker at x", code=EXIT_FAILED)
+    with pytest.raises(CliError, match="cannot reach the broker"):
+        await give_input(fakes.settings, CONTROL, "run-1", "s1", text="x")
+    assert capsys.readouterr().out == ""
+
+
+async def test_data_with_a_number_out_of_range_is_exit_2(fakes: Fakes, checkpoints: StateRepository) -> None:
+    checkpoints.states["run-1"] = waiting()
+    with pytest.raises(CliError) as raised:
+        await give_input(fakes.settings, CONTROL, "run-1", "s1", data_json="1e400")
+    assert raised.value.code == EXIT_BAD_INPUT
+    assert fakes.send.await_count == 0
+
+
+async def test_data_that_is_not_unicode_is_exit_2(fakes: Fakes, checkpoints: StateRepository) -> None:
+    checkpoints.states["run-1"] = waiting()
+    with pytest.raises(CliError) as raised:
+        await give_input(fakes.settings, CONTROL, "run-1", "s1", data_json='"caf\\udce9"')
+    assert raised.value.code == EXIT_BAD_INPUT
+
+
+async def test_the_input_handler_passes_its_arguments_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(database_url=None)
+    given = AsyncMock(return_value=0)
+    monkeypatch.setattr(cli, "give_input", given)
+    handler = cli.input_
+    assert handler.__name__ == "input"
+    assert await handler(command_of(settings), "r1", "s1", "t", "[1]", "approve", 2, 3) == 0
+    given.assert_awaited_once_with(
+        settings, CONTROL, "r1", "s1", text="t", data_json="[1]", decision="approve", item=2, iteration=3
+    )
+
+
 # --------------------------------------------------------------- status
 
 
@@ -295,4 +509,6 @@ def test_register_adds_every_command_on_the_switchyard_base() -> None:
             return add
 
     register(cast(Any, RecordingApp()))
-    assert added == dict.fromkeys(["agents", "submit", "cancel", "retry", "resume", "status"], SwitchyardCommand)
+    assert added == dict.fromkeys(
+        ["agents", "submit", "cancel", "retry", "resume", "input", "status"], SwitchyardCommand
+    )

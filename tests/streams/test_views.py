@@ -2,7 +2,8 @@
 
 States are built by the pure state machine (:func:`models.run.transition`),
 driven by :func:`drive`: submit a plan, answer every task it sends, one a
-second, in the order sent.
+second, in the order sent. States that wait for a person are made by hand
+from them (:func:`waiting_map_state`, :func:`approval_state`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from models.messages import AgentError, AgentResult, AgentTask, ResultStatus
-from models.plan import WorkflowPlan, load_plan
+from models.messages import AgentError, AgentResult, AgentTask, Question, ResultStatus
+from models.messages import Answer as GivenAnswer
+from models.plan import APPROVAL_AGENT, WorkflowPlan, load_plan
 from models.run import (
     AgentResultReceived,
     DispatchTask,
@@ -26,6 +28,7 @@ from models.run import (
     StepStatus,
     transition,
 )
+from models.run_state import Attempt, Exchange, Execution, StepState
 from streams.views import record_view, state_view
 from switchyard.db import RunRecord, StepRecord, snapshot_rows, whole_state
 
@@ -48,6 +51,8 @@ RUN_KEYS = {
     "completed_at",
     "updated_at",
     "version",
+    "waiting",
+    "questions",
     "steps",
     "source",
 }
@@ -64,6 +69,7 @@ STEP_KEYS = {
     "completed_at",
     "next_attempt_at",
     "attempts",
+    "questions",
 }
 ATTEMPT_KEYS = {
     "attempt",
@@ -78,7 +84,10 @@ ATTEMPT_KEYS = {
     "started_at",
     "deadline",
     "completed_at",
+    "task_id",
+    "exchanges",
 }
+QUESTION_KEYS = {"step_id", "iteration", "item", "attempt", "turn", "kind", "text", "data", "asked_at", "deadline"}
 
 
 # -------------------------------------------------------------------- driving
@@ -220,6 +229,7 @@ def test_a_chain_run_shows_its_steps_in_plan_order_with_every_attempt_and_output
     assert view["error"] is None
     assert view["created_at"] == view["started_at"] == "2024-05-01T12:00:00Z"
     assert view["completed_at"] == view["updated_at"] == "2024-05-01T12:00:04Z"
+    assert (view["waiting"], view["questions"]) == (0, [])
 
     assert list(plan.steps) == ["s3", "s2", "s1"]
     assert [s["step_id"] for s in view["steps"]] == plan.order() == ["s1", "s2", "s3"]
@@ -231,8 +241,10 @@ def test_a_chain_run_shows_its_steps_in_plan_order_with_every_attempt_and_output
         assert (step["iteration"], step["items"], step["skip_reason"], step["error"]) == (1, None, None, None)
         assert step["output"] == final.output_of(step_id)
         assert step["next_attempt_at"] is None
+        assert step["questions"] == []
         for attempt in step["attempts"]:
             assert set(attempt) == ATTEMPT_KEYS
+            assert (attempt["task_id"], attempt["exchanges"]) == (None, [])
             assert (attempt["iteration"], attempt["item"]) == (1, None)
             assert attempt["agent_name"] == f"agent-{step_id}"
     assert steps["s1"]["output"] == {"text": "s1<kafka>"}
@@ -475,6 +487,295 @@ def test_a_step_on_a_route_not_taken_is_skipped_with_its_reason_and_no_output() 
     assert steps["reply"]["attempts"][0]["input"] == {"bug": "bug done", "other": "none"}
 
 
+# ------------------------------------------------------- a person in the loop
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+HOUR = timedelta(hours=1)
+FORMAT = Exchange(
+    question=Question(text="Which format?", data={"choices": ["pdf", "html"]}),
+    asked_at=at(2),
+    answer=GivenAnswer(answer_id="answer-1", text="pdf", data={"dpi": 300}, source="http"),
+    answered_at=at(3),
+)
+"""An agent's question, answered."""
+FONT = Exchange(question=Question(text="Which font?"), asked_at=at(4))
+"""The same agent's next question (the second turn), open."""
+WHICH = Exchange(question=Question(text="Which?"), asked_at=at(5))
+
+
+def waiting_on(state: RunState, key: str, exchanges: tuple[Exchange, ...], *, task_id: str | None) -> RunState:
+    """``state`` with the running execution ``key`` WAITING for a person after these exchanges, as a new version.
+
+    The attempt's deadline is the input deadline: an hour after the last question.
+    """
+    execution = state.executions[key]
+    current = execution.current
+    assert current is not None
+    assert current.status is StepStatus.RUNNING
+    asked = exchanges[-1].asked_at
+    attempt = current.model_copy(
+        update={
+            "status": StepStatus.WAITING,
+            "exchanges": exchanges,
+            "task_id": task_id,
+            "context_id": None if task_id is None else f"context-of-{task_id}",
+            "deadline": asked + HOUR,
+        }
+    )
+    executions = {
+        **state.executions,
+        key: execution.model_copy(
+            update={"status": StepStatus.WAITING, "attempts": (*execution.attempts[:-1], attempt)}
+        ),
+    }
+    changed = state.model_copy(
+        update={
+            "executions": executions,
+            "waiting": sum(1 for e in executions.values() if e.status is StepStatus.WAITING),
+            "version": state.version + 1,
+            "updated_at": max(state.updated_at, asked),
+        }
+    )
+    return RunState.model_validate(changed.model_dump())  # a state that reads back as itself
+
+
+def waiting_map_state(run_id: str = RUN_ID) -> RunState:
+    """A map run whose two items in flight wait for a person.
+
+    Item 0's agent asked twice: which format (answered), then which font
+    (open, its second turn); item 1's agent asked once (open).
+    """
+    state = drive(map_plan(), map_answer, {"n": 4}, run_id=run_id, answers=1)[-1]
+    assert [k for k, e in state.executions.items() if e.status is StepStatus.RUNNING] == ["each@1[0]", "each@1[1]"]
+    state = waiting_on(state, "each@1[0]", (FORMAT, FONT), task_id="task-0")
+    state = waiting_on(state, "each@1[1]", (WHICH,), task_id="task-1")
+    assert [e.key for e in state.waiting_executions()] == ["each@1[0]", "each@1[1]"]
+    assert state.waiting == 2
+    return state
+
+
+def approval_plan() -> WorkflowPlan:
+    return load_plan(
+        {
+            "workflow_id": "views-approval",
+            "name": "approval",
+            "version": "1",
+            "start_step": "ok",
+            "steps": {
+                "ok": {"id": "ok", "approval": {"prompt": {"text": "Ship it?", "build": 7}}, "next_step": "ship"},
+                "ship": {"id": "ship", "agent_name": "shipper"},
+            },
+        }
+    )
+
+
+def approval_state(run_id: str = RUN_ID, *, decided: bool = False) -> RunState:
+    """A run whose approval step waits for a decision (or, ``decided``, was approved and goes on to ``ship``)."""
+    prompt = Exchange(question=Question(text="Ship it?", data={"text": "Ship it?", "build": 7}), asked_at=T0)
+    attempt = Attempt(
+        number=1,
+        correlation_id=f"{run_id}/ok/1",
+        agent_name=APPROVAL_AGENT,
+        status=StepStatus.WAITING,
+        input={"text": "Ship it?", "build": 7},
+        dispatch_at=T0,
+        deadline=T0 + timedelta(days=7),
+        exchanges=(prompt,),
+    )
+    execution = Execution(
+        step_id="ok", agent_name=APPROVAL_AGENT, status=StepStatus.WAITING, attempts=(attempt,), started_at=T0
+    )
+    step = StepState(step_id="ok", agent_name=APPROVAL_AGENT, status=StepStatus.RUNNING, started_at=T0)
+    state = RunState(
+        run_id=run_id,
+        status=RunStatus.RUNNING,
+        plan=approval_plan(),
+        input={},
+        steps={"ok": step},
+        executions={"ok@1": execution},
+        waiting=1,
+        created_at=T0,
+        started_at=T0,
+        updated_at=T0,
+    )
+    if not decided:
+        return state
+    answer = GivenAnswer(answer_id="decision-1", text="looks good", decision="approve", source="cli")
+    output: JsonValue = {"approved": True, "decision": "approve", "text": "looks good", "data": None}
+    attempt = attempt.model_copy(
+        update={
+            "status": StepStatus.COMPLETED,
+            "exchanges": (prompt.model_copy(update={"answer": answer, "answered_at": at(60)}),),
+            "finished_at": at(60),
+            "output": output,
+        }
+    )
+    done = execution.model_copy(update={"status": StepStatus.COMPLETED, "attempts": (attempt,), "completed_at": at(60)})
+    ship_attempt = Attempt(
+        number=1,
+        correlation_id=f"{run_id}/ship/1",
+        agent_name="shipper",
+        status=StepStatus.RUNNING,
+        input=None,
+        dispatch_at=at(60),
+        deadline=at(360),
+    )
+    ship = Execution(
+        step_id="ship", agent_name="shipper", status=StepStatus.RUNNING, attempts=(ship_attempt,), started_at=at(60)
+    )
+    decided_state = state.model_copy(
+        update={
+            "steps": {
+                "ok": step.model_copy(
+                    update={
+                        "status": StepStatus.COMPLETED,
+                        "has_output": True,
+                        "output_key": "ok@1",
+                        "completed_at": at(60),
+                    }
+                ),
+                "ship": StepState(step_id="ship", agent_name="shipper", status=StepStatus.RUNNING, started_at=at(60)),
+            },
+            "executions": {"ok@1": done, "ship@1": ship},
+            "waiting": 0,
+            "updated_at": at(60),
+            "version": 2,
+        }
+    )
+    return RunState.model_validate(decided_state.model_dump())
+
+
+def test_a_map_waiting_for_a_person_shows_each_open_question_on_its_step_and_on_the_run() -> None:
+    state = waiting_map_state()
+
+    view = state_view(state)
+
+    assert set(view) == RUN_KEYS
+    assert_plain_json(view)
+    assert (view["status"], view["waiting"]) == ("RUNNING", 2)
+    font = {
+        "step_id": "each",
+        "iteration": 1,
+        "item": 0,
+        "attempt": 1,
+        "turn": 1,  # its second question: the first was answered
+        "kind": "question",
+        "text": "Which font?",
+        "data": None,
+        "asked_at": "2024-05-01T12:00:04Z",
+        "deadline": "2024-05-01T13:00:04Z",
+    }
+    which = {
+        **font,
+        "item": 1,
+        "turn": 0,
+        "text": "Which?",
+        "asked_at": "2024-05-01T12:00:05Z",
+        "deadline": "2024-05-01T13:00:05Z",
+    }
+    assert view["questions"] == [font, which]
+    assert all(set(q) == QUESTION_KEYS for q in view["questions"])
+    # The turn a view shows is the one an answer names (what streams.answers puts in its record).
+    assert [q["turn"] for q in view["questions"]] == [e.current.turn for e in state.waiting_executions() if e.current]
+    steps = steps_by_id(view)
+    assert steps["each"]["questions"] == [font, which]
+    assert steps["split"]["questions"] == []
+    assert all(set(s) == STEP_KEYS for s in view["steps"])
+    assert attempt_keys(steps["each"]) == [(1, 1, 0, "WAITING"), (1, 1, 1, "WAITING")]
+
+    first, second = steps["each"]["attempts"]
+    assert (first["task_id"], second["task_id"]) == ("task-0", "task-1")
+    assert first["deadline"] == font["deadline"], "a waiting attempt's deadline is the input deadline"
+    assert first["exchanges"] == [
+        {
+            "question": {"text": "Which format?", "data": {"choices": ["pdf", "html"]}},
+            "asked_at": "2024-05-01T12:00:02Z",
+            "answer": {
+                "answer_id": "answer-1",
+                "text": "pdf",
+                "data": {"dpi": 300},
+                "decision": None,
+                "source": "http",
+            },
+            "answered_at": "2024-05-01T12:00:03Z",
+        },
+        {
+            "question": {"text": "Which font?", "data": None},
+            "asked_at": "2024-05-01T12:00:04Z",
+            "answer": None,
+            "answered_at": None,
+        },
+    ]
+    assert second["exchanges"] == [WHICH.model_dump(mode="json")]
+    assert steps["split"]["attempts"][0]["exchanges"] == []
+
+
+def test_an_approval_waits_as_a_question_of_its_own_kind_and_once_decided_keeps_its_exchange() -> None:
+    view = state_view(approval_state())
+
+    assert_plain_json(view)
+    assert view["waiting"] == 1
+    (question,) = view["questions"]
+    assert question == {
+        "step_id": "ok",
+        "iteration": 1,
+        "item": None,
+        "attempt": 1,
+        "turn": 0,
+        "kind": "approval",
+        "text": "Ship it?",
+        "data": {"text": "Ship it?", "build": 7},
+        "asked_at": "2024-05-01T12:00:00Z",
+        "deadline": "2024-05-08T12:00:00Z",
+    }
+    assert steps_by_id(view)["ok"]["questions"] == [question]
+    assert steps_by_id(view)["ok"]["attempts"][0]["task_id"] is None, "an approval calls no agent"
+
+    decided = state_view(approval_state(decided=True))
+
+    assert (decided["waiting"], decided["questions"]) == (0, [])
+    steps = steps_by_id(decided)
+    assert [s["questions"] for s in decided["steps"]] == [[], []]
+    assert steps["ok"]["status"] == "COMPLETED"
+    assert steps["ok"]["output"] == {"approved": True, "decision": "approve", "text": "looks good", "data": None}
+    (exchange,) = steps["ok"]["attempts"][0]["exchanges"]
+    assert exchange["answer"] == {
+        "answer_id": "decision-1",
+        "text": "looks good",
+        "data": None,
+        "decision": "approve",
+        "source": "cli",
+    }
+    assert exchange["answered_at"] == "2024-05-01T12:01:00Z"
+    assert steps["ship"]["attempts"][0]["exchanges"] == []
+
+
+def test_an_attempt_answered_and_running_again_has_no_open_question() -> None:
+    # Item 1's answer carried its call on: RUNNING again, its exchange answered; item 0 still waits.
+    state = waiting_map_state()
+    execution = state.executions["each@1[1]"]
+    assert execution.current is not None
+    answered = WHICH.model_copy(update={"answer": GivenAnswer(answer_id="a-2", text="that one"), "answered_at": at(6)})
+    attempt = execution.current.model_copy(update={"status": StepStatus.RUNNING, "exchanges": (answered,)})
+    going_on = execution.model_copy(update={"status": StepStatus.RUNNING, "attempts": (attempt,)})
+    state = state.model_copy(
+        update={"executions": {**state.executions, "each@1[1]": going_on}, "waiting": 1, "version": state.version + 1}
+    )
+
+    view = state_view(state)
+
+    assert view["waiting"] == 1
+    assert [(q["item"], q["turn"], q["text"]) for q in view["questions"]] == [(0, 1, "Which font?")]
+    second = steps_by_id(view)["each"]["attempts"][1]
+    assert (second["status"], second["task_id"]) == ("RUNNING", "task-1")
+    assert second["exchanges"][0]["answer"]["text"] == "that one"
+    assert record_view(record_of(state)) == {**view, "source": "record"}
+
+
 # -------------------------------------------------------------------- records
 
 
@@ -498,6 +799,9 @@ def test_a_record_with_a_snapshot_is_shown_as_its_state() -> None:
         drive(chain_plan(), chain_answer(), {"topic": "kafka"})[-1],
         drive(loop_plan(), loop_answer())[-1],
         drive(map_plan(), map_answer, {"n": 4})[-1],
+        waiting_map_state(),
+        approval_state(),
+        approval_state(decided=True),
     ):
         view = record_view(record_of(final))
         assert view == {**state_view(final), "source": "record"}
@@ -565,3 +869,20 @@ def test_rows_of_a_loop_without_a_snapshot_name_each_attempts_iteration_and_item
         for step_id, step in view.items():
             assert set(step) == STEP_KEYS
             assert step["attempts"] == live[step_id]["attempts"]
+
+
+def test_rows_without_a_snapshot_show_the_same_questions_exchanges_and_count() -> None:
+    for state in (waiting_map_state(), approval_state(), approval_state(decided=True)):
+        live = state_view(state)
+
+        view = record_view(record_of(state, with_snapshot=False))
+
+        assert set(view) == set(live) == RUN_KEYS
+        assert (view["waiting"], view["questions"]) == (live["waiting"], live["questions"])
+        rows, steps = steps_by_id(view), steps_by_id(live)
+        assert set(rows) == set(steps)
+        for step_id, step in rows.items():
+            assert set(step) == STEP_KEYS
+            assert step["attempts"] == steps[step_id]["attempts"], "exchanges and task ids read the same from rows"
+            assert step["questions"] == steps[step_id]["questions"]
+    assert record_view(record_of(waiting_map_state(), with_snapshot=False))["waiting"] == 2

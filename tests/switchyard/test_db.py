@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,7 +16,7 @@ from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.messages import AgentError, AgentResult, ResultStatus
+from models.messages import AgentError, AgentResult, Answer, ResultStatus
 from models.plan import RetryPolicy, WorkflowPlan, load_plan
 from models.records import StepExecution, WorkflowRun
 from models.run import (
@@ -24,6 +25,7 @@ from models.run import (
     RunState,
     RunStatus,
     RunSubmitted,
+    StepStatus,
     transition,
 )
 from streams.views import record_view, state_view
@@ -39,7 +41,18 @@ from switchyard.db import (
     storable,
     upsert_snapshots,
 )
-from tests.streams.test_views import drive, loop_answer, loop_plan, map_answer, map_plan
+from tests.streams.test_views import (
+    FONT,
+    FORMAT,
+    WHICH,
+    approval_state,
+    drive,
+    loop_answer,
+    loop_plan,
+    map_answer,
+    map_plan,
+    waiting_map_state,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -166,6 +179,17 @@ def test_schema_has_tables_columns_and_indexes(engine: Engine) -> None:
     assert ("correlation_id",) in uniques
     fks = inspector.get_foreign_keys("step_executions")
     assert fks[0]["referred_table"] == "workflow_runs"
+    # A person in the loop: how many executions of a run wait, and each attempt's questions and A2A task.
+    assert not run_cols["waiting"]["nullable"]
+    assert str(run_cols["waiting"]["type"]) == "INTEGER"
+    assert str(step_cols["exchanges"]["type"]) == "JSONB"
+    assert step_cols["exchanges"]["nullable"]
+    assert step_cols["task_id"]["nullable"]
+    waiting_index = {i["name"]: i for i in inspector.get_indexes("workflow_runs")}[
+        "ix_workflow_runs_waiting_created_at"
+    ]
+    assert waiting_index["column_names"] == ["created_at"]
+    assert waiting_index["dialect_options"]["postgresql_where"] == "(waiting > 0)"
 
 
 # -------------------------------------------------------------- repositories
@@ -499,6 +523,110 @@ def test_upsert_records_every_iteration_and_item_and_keeps_them_up_to_date(engin
     again = runs.get_run("map-run")
     assert again is not None
     assert again.steps == record.steps
+
+
+def test_a_run_waiting_for_a_person_is_recorded_with_its_questions_and_answers(engine: Engine) -> None:
+    runs, snapshots = WorkflowRepository(engine), SnapshotRepository(engine)
+    state = waiting_map_state("ask-run")
+    run_row, _, step_rows = snapshot_rows(state)
+    assert run_row["waiting"] == 2
+    assert [(r["item"], r["task_id"], r["exchanges"]) for r in step_rows] == [
+        (None, None, None),  # split asked nothing: no exchanges, not an empty list
+        (0, "task-0", [FORMAT.model_dump(mode="json"), FONT.model_dump(mode="json")]),
+        (1, "task-1", [WHICH.model_dump(mode="json")]),
+    ]
+
+    snapshots.upsert([state])
+
+    with Session(engine) as session:
+        assert _run_row(session, "ask-run").waiting == 2
+    rows = sorted(_rows(engine, "ask-run"), key=lambda r: (r.started_at or T0, r.id))  # written by correlation id
+    assert [(r.step_id, r.item, r.status, r.task_id) for r in rows] == [
+        ("split", None, "COMPLETED", None),
+        ("each", 0, "WAITING", "task-0"),
+        ("each", 1, "WAITING", "task-1"),
+    ]
+    assert rows[0].exchanges is None
+    with engine.connect() as conn:
+        asked_nothing = conn.scalars(
+            text("SELECT step_id FROM step_executions WHERE run_id = 'ask-run' AND exchanges IS NULL")
+        ).all()
+    assert asked_nothing == ["split"], "SQL NULL, not JSON null, when an attempt asked nothing"
+    exchanges: Any = rows[1].exchanges
+    assert exchanges[0]["question"] == {"text": "Which format?", "data": {"choices": ["pdf", "html"]}}
+    assert exchanges[0]["answer"]["text"] == "pdf"
+    assert exchanges[1]["answer"] is None
+    record = runs.get_run("ask-run")
+    assert record is not None
+    assert record.waiting == 2
+    assert [s.exchanges for s in record.steps] == [r["exchanges"] for r in step_rows]
+    assert runs.get_state("ask-run") == state
+    assert record_view(record) == {**state_view(state), "source": "record"}
+    assert [(q["item"], q["turn"], q["text"]) for q in record_view(record)["questions"]] == [
+        (0, 1, "Which font?"),
+        (1, 0, "Which?"),
+    ]
+
+    # Item 1 is answered and its call goes on: a checkpoint of that change alone updates its row and the count.
+    execution = state.executions["each@1[1]"]
+    assert execution.current is not None
+    answer = Answer(answer_id="answer-2", text="that one", source="http")
+    answered = WHICH.model_copy(update={"answer": answer, "answered_at": WHICH.asked_at})
+    attempt = execution.current.model_copy(update={"status": StepStatus.RUNNING, "exchanges": (answered,)})
+    going_on = execution.model_copy(update={"status": StepStatus.RUNNING, "attempts": (attempt,)})
+    later = state.model_copy(
+        update={"executions": {**state.executions, "each@1[1]": going_on}, "waiting": 1, "version": state.version + 1}
+    )
+    snapshots.upsert([Snapshot(later, frozenset({"each@1[1]"}))])
+
+    again = runs.get_run("ask-run")
+    assert again is not None
+    assert (again.waiting, again.version) == (1, later.version)
+    assert [(s.item, s.status) for s in again.steps] == [(None, "COMPLETED"), (0, "WAITING"), (1, "RUNNING")]
+    assert again.steps[1] == record.steps[1], "an execution that did not change keeps its row"
+    assert again.steps[2].exchanges == [answered.model_dump(mode="json")]
+    assert runs.get_state("ask-run") == later
+    assert [q["item"] for q in record_view(again)["questions"]] == [0]
+
+
+def test_list_runs_can_list_the_running_runs_that_wait_for_a_person(engine: Engine) -> None:
+    runs = WorkflowRepository(engine)
+    approval = approval_state("wait-approval")
+    states = [
+        waiting_map_state("wait-map"),
+        approval,
+        approval_state("wait-decided", decided=True),  # it waited, and was answered
+        drive(map_plan(), map_answer, {"n": 4}, run_id="wait-none", answers=1)[-1],  # running, waits for nobody
+        # A run that ended with a count left over (it cannot, but even so) is no longer waiting for anybody.
+        approval.model_copy(update={"run_id": "wait-cancelled", "status": RunStatus.CANCELLED}),
+    ]
+    other_flow = approval.plan.model_copy(update={"workflow_id": "other-approval"})
+    states.append(approval.model_copy(update={"run_id": "wait-other", "plan": other_flow}))
+    SnapshotRepository(engine).upsert(states)
+
+    def waiting(**filters: Any) -> list[str]:
+        return [r.run_id for r in runs.list_runs(waiting=True, **filters) if r.run_id.startswith("wait-")]
+
+    # Newest first, as every listing (all were created at once here: then by run_id).
+    assert waiting() == ["wait-approval", "wait-map", "wait-other"]
+    assert {r.run_id: r.waiting for r in runs.list_runs(waiting=True) if r.run_id.startswith("wait-")} == {
+        "wait-approval": 1,
+        "wait-map": 2,
+        "wait-other": 1,
+    }
+    assert waiting(workflow_id="views-approval") == ["wait-approval"]
+    every = [r.run_id for r in runs.list_runs(waiting=True)]
+    assert [r.run_id for r in runs.list_runs(waiting=True, status=RunStatus.RUNNING, limit=2, offset=1)] == every[1:3]
+    assert waiting(status=[RunStatus.CANCELLED, RunStatus.COMPLETED]) == []
+    listed = {r.run_id: r.waiting for r in runs.list_runs() if r.run_id.startswith("wait-")}
+    assert listed == {
+        "wait-map": 2,
+        "wait-approval": 1,
+        "wait-decided": 0,
+        "wait-none": 0,
+        "wait-cancelled": 1,
+        "wait-other": 1,
+    }, "without the filter every run is listed, with its count"
 
 
 def _rows(engine: Engine, run_id: str) -> list[StepExecution]:

@@ -22,7 +22,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from pydantic import JsonValue
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 import switchyard.db
@@ -32,6 +32,7 @@ from models.records import Base
 from models.run import AgentResultReceived, RunState, RunStatus, RunSubmitted, StepStatus, transition
 from switchyard.db import SnapshotRepository, WorkflowRepository, create_schema, make_engine
 from tests.conftest import PostgresServer
+from tests.streams.test_views import waiting_map_state
 
 pytestmark = pytest.mark.postgres
 
@@ -292,12 +293,17 @@ def test_a_database_from_before_migrations_is_stamped_upgraded_and_keeps_its_row
     old = _completed_chain("old-run")
     insert_old_rows(engine, old, with_state=with_state_column)
     before = schema_differences(engine)
-    assert {d[0] for d in before} == {"add_column", "add_table", "remove_constraint", "add_constraint"}
+    assert {d[0] for d in before} == {"add_column", "add_table", "remove_constraint", "add_constraint", "add_index"}
     assert [d[1].name for d in before if d[0] == "add_table"] == ["run_executions"]
+    assert [d[1].name for d in before if d[0] == "add_index"] == ["ix_workflow_runs_waiting_created_at"]
     added = {(d[2], d[3].name) for d in before if d[0] == "add_column"}
-    assert added == {("step_executions", "iteration"), ("step_executions", "item")} | (
-        set() if with_state_column else {("workflow_runs", "state")}
-    )
+    assert added == {
+        ("step_executions", "iteration"),
+        ("step_executions", "item"),
+        ("workflow_runs", "waiting"),
+        ("step_executions", "exchanges"),
+        ("step_executions", "task_id"),
+    } | (set() if with_state_column else {("workflow_runs", "state")})
 
     create_schema(engine)
 
@@ -423,3 +429,103 @@ def test_a_fresh_database_has_the_same_attempt_key(new_engine: Callable[[], Engi
             {"name": "uq_step_executions_run_id_step_id_iteration_item_attempt"},
         )
     assert "NULLS NOT DISTINCT" in definition
+
+
+# ------------------------------------------------------ a person in the loop
+
+
+def migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    """Bring the database to ``revision`` with Alembic, up (or ``down``)."""
+    config = _config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def columns(engine: Engine, table: str) -> set[str]:
+    return {c["name"] for c in inspect(engine).get_columns(table)}
+
+
+def index_definitions(engine: Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'workflow_runs'"))
+        return {str(name): str(definition) for name, definition in rows}
+
+
+def insert_0003_rows(engine: Engine, state: RunState) -> None:
+    """A run's rows as revision 0003's code wrote them: today's, without the columns 0004 adds."""
+    run_row, execution_rows, step_rows = switchyard.db.snapshot_rows(state)
+    metadata = MetaData()
+    with engine.begin() as conn:
+        runs, executions, steps = (
+            Table(name, metadata, autoload_with=conn) for name in ("workflow_runs", "run_executions", "step_executions")
+        )
+        conn.execute(runs.insert(), [{k: v for k, v in run_row.items() if k in runs.c}])
+        conn.execute(executions.insert(), execution_rows)
+        conn.execute(steps.insert(), [{k: v for k, v in row.items() if k in steps.c} for row in step_rows])
+
+
+WAITING_INDEX = "ix_workflow_runs_waiting_created_at"
+
+
+def test_0004_adds_the_waiting_count_and_the_exchanges_and_a_downgrade_takes_them_away(
+    new_engine: Callable[[], Engine],
+) -> None:
+    assert HEAD == "0004"
+    engine = new_engine()
+    migrate(engine, "0003")
+    assert "waiting" not in columns(engine, "workflow_runs")
+    assert not {"exchanges", "task_id"} & columns(engine, "step_executions")
+    old = _completed_chain("before-0004")
+    insert_0003_rows(engine, old)
+
+    migrate(engine, "0004")
+
+    assert revisions(engine) == ["0004"]
+    assert schema_differences(engine) == []
+    assert "WHERE (waiting > 0)" in index_definitions(engine)[WAITING_INDEX]
+    runs = WorkflowRepository(engine)
+    # The rows written before wait for nobody and asked nothing, which is what they were.
+    record = runs.get_run("before-0004")
+    assert record is not None
+    assert record.waiting == 0
+    assert [(s.step_id, s.exchanges, s.task_id) for s in record.steps] == [
+        ("research", None, None),
+        ("summarize", None, None),
+    ]
+    assert runs.get_state("before-0004") == old
+    assert runs.list_runs(waiting=True) == []
+
+    # Today's writes: a run waiting for a person.
+    waiting = waiting_map_state("waits-0004")
+    SnapshotRepository(engine).upsert([waiting])
+    assert [(r.run_id, r.waiting) for r in runs.list_runs(waiting=True)] == [("waits-0004", 2)]
+    with engine.connect() as conn:
+        asked = conn.execute(
+            text("SELECT task_id, exchanges FROM step_executions WHERE exchanges IS NOT NULL ORDER BY correlation_id")
+        ).all()
+    assert [(task, len(exchanges)) for task, exchanges in asked] == [("task-0", 2), ("task-1", 1)]
+
+    migrate(engine, "0003", down=True)
+
+    assert revisions(engine) == ["0003"]
+    assert "waiting" not in columns(engine, "workflow_runs")
+    assert not {"exchanges", "task_id"} & columns(engine, "step_executions")
+    assert WAITING_INDEX not in index_definitions(engine)
+    with engine.connect() as conn:
+        counts = conn.execute(
+            text("SELECT run_id, count(*) FROM step_executions GROUP BY run_id ORDER BY run_id")
+        ).all()
+    assert counts == [("before-0004", 2), ("waits-0004", 3)], "every row stays"
+    # The questions and answers stay in each execution's record: the state reads back whole.
+    assert runs.get_state("waits-0004") == waiting
+    assert runs.get_state("before-0004") == old
+
+    create_schema(engine)  # and up again, as a process starting would
+
+    assert revisions(engine) == [HEAD]
+    assert schema_differences(engine) == []
+    assert WAITING_INDEX in index_definitions(engine)
+    assert runs.list_runs(waiting=True) == [], "the count is back at 0 until the run's next checkpoint"
+    SnapshotRepository(engine).upsert([waiting.model_copy(update={"version": waiting.version + 1})])
+    assert [(r.run_id, r.waiting) for r in runs.list_runs(waiting=True)] == [("waits-0004", 2)]
