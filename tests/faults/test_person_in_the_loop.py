@@ -134,3 +134,35 @@ def test_bridge_killed_while_it_sends_an_answer(faults: FaultStack) -> None:
         assert first_calls == 1, stats["by_idempotency_key"]
         assert stats["cancelled_task_ids"] == []
     assert len([row for row in record.steps if row.step_id == "ask"]) == 1
+
+
+def test_runs_wait_through_a_rebalance_and_answers_reach_their_owner(faults: FaultStack) -> None:
+    """A second executor takes half the partitions while runs wait; answers sent to the first reach each owner."""
+    run_ids = faults.submit(ask_plan("asker"), 8, "waiting through a rebalance")
+    states = {
+        run_id: poll(lambda r=run_id: waiting(faults, r), 60, lambda: "the runs never asked")  # type: ignore[misc]
+        for run_id in run_ids
+    }
+    faults.start_worker("executor-2")
+    faults.wait_ready(each=True)
+    owned = faults.owned_partitions()
+    print(f"executor-2 joined while 8 runs wait: run partitions {owned}")
+    for run_id in run_ids:
+        # The first executor's API: a run the second owns is forwarded to it, with the body.
+        code, body = http_request(
+            "POST",
+            faults.url("executor", f"/runs/{run_id}/steps/ask/input"),
+            {"text": f"answer to {run_id}"},
+            headers=AUTH,
+        )
+        assert code == 202, (run_id, body)
+    done = faults.wait_terminal(run_ids, timeout=90)
+    assert {run_id: answers_of(record) for run_id, record in done.items()} == {
+        run_id: [f"answer to {run_id}"] for run_id in run_ids
+    }
+    stats = faults.stats("asker")
+    for run_id, state in states.items():
+        correlation, task_id = task_of(state)
+        # The partitions moved while the runs waited: nothing was asked again, each answer went once.
+        assert stats["by_idempotency_key"].get(correlation) == 1, (run_id, stats["by_idempotency_key"])
+        assert stats["continued_tasks"].get(task_id) == 1, (run_id, stats["continued_tasks"])
