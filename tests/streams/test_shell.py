@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import pytest
 
+from models.agents import AgentEntry
 from models.messages import (
     AgentTask,
     ControlCommand,
@@ -29,7 +30,7 @@ from models.messages import (
     decode,
     utcnow,
 )
-from models.plan import RetryPolicy
+from models.plan import RetryPolicy, WorkflowPlan
 from models.run import (
     AgentResultReceived,
     RunState,
@@ -798,3 +799,50 @@ async def test_a_state_replaced_in_the_table_is_read_afresh(rig: Rig) -> None:
     assert loaded is not None
     assert current_step(loaded) == "s1"
     assert loaded.version == state.version
+
+
+class OneAgentRegistry:
+    """A registry that knows one agent, and counts the names it is asked for."""
+
+    def __init__(self, entry: AgentEntry) -> None:
+        self.entry = entry
+        self.asked: list[str] = []
+
+    async def get(self, name: str) -> AgentEntry | None:
+        self.asked.append(name)
+        return self.entry if name == self.entry.name else None
+
+
+async def test_a_run_takes_the_agents_input_timeout_from_the_registry_and_the_global_default() -> None:
+    entry = AgentEntry(name="asker", url="http://127.0.0.1:9/", timeout_s=12, input_timeout_s=3600)
+    registry = OneAgentRegistry(entry)
+    shell = RunShell(
+        runs={},
+        tasks=FakeTopic(),
+        cancels=FakeTopic(),
+        control=FakeTopic(),
+        monitoring=FakeTopic(),
+        deadletter=FakeTopic(),
+        checkpoints=FakeCheckpoints(),
+        timers=FakeTimers(),
+        records=NoRecords(),
+        registry=registry,
+        default_input_timeout_s=900,
+    )
+    plan = WorkflowPlan.model_validate(
+        {
+            "workflow_id": "wf",
+            "name": "wf",
+            "version": "1",
+            "start_step": "ask",
+            "steps": {
+                "ask": {"id": "ask", "agent_name": "asker", "next_step": "review"},
+                "review": {"id": "review", "approval": {"prompt": "ok?"}},
+            },
+        }
+    )
+    defaults = await shell.defaults_for(plan)
+    assert defaults.input_timeout_s == 900
+    assert defaults.agents["asker"].input_timeout_s == 3600
+    assert defaults.agents["asker"].timeout_s == 12
+    assert registry.asked == ["asker"], "an approval step calls no agent: nothing to look up"
