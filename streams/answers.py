@@ -41,7 +41,7 @@ class AnswerRefused(ValueError):
     Attributes:
         status: The HTTP status that says why: 404 no such run, 409 not
             waiting, 400 a wrong form, 413 too large.
-        details: Figures for a machine (``size``, ``limit``).
+        details: For a machine: ``size`` and ``limit`` (413), ``path`` (a value the run cannot keep).
     """
 
     def __init__(self, status: int, message: str, **details: Any) -> None:
